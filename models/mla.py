@@ -1,0 +1,181 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), tensor-parallel by heads, and its rotary embedding.
+
+For hidden states h (batch, seq, hidden) and H heads:
+
+    c_q  = RMSNorm(h W_qa)                      (q_lora_rank)   replicated   [or no compression: q = h W_q]
+    q    = c_q W_qb -> H x (d_nope + d_rope)                    column-parallel, split by heads
+    [c_kv, k_pe] = h W_kva                      (kv_lora_rank + d_rope)  replicated
+    [k_nope, v] = RMSNorm(c_kv) W_kvb -> H x (d_nope + d_v)     column-parallel, split by heads
+    q_pe, k_pe rotated by RoPE (k_pe: one key shared by every head)
+    o    = softmax([q_nope, q_pe] [k_nope, k_pe]^T * scale + causal) v
+    out  = o W_o                                                row-parallel (one all-reduce)
+
+scale = (d_nope + d_rope) ** -0.5, times mscale^2 under YaRN. Only c_kv and k_pe need caching at inference
+(kv_lora_rank + d_rope numbers per token and layer), which is the point of MLA.
+
+Tensor parallelism: the down-projections and their norms are replicated; their gradients are complete and
+identical on every TP rank because every path from them into head-sharded computation goes through
+`copy_to_group` (inside the column-parallel up-projections, and explicitly for k_pe, which bypasses
+W_kvb).
+
+RoPE follows DeepSeek's convention: the rotated pairs are adjacent dimensions (2i, 2i+1) of the rope part,
+with frequency theta^(-2i/d_rope).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import MLAConfig
+from parallel.collectives import copy_to_group, group_size
+from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(scale) + 1 for scale > 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(config: MLAConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (d_rope / 2,) and the cos/sin magnitude, plain or YaRN-scaled.
+
+    YaRN (Peng et al. 2023) interpolates low frequencies by `factor`, keeps high frequencies, and blends
+    linearly in between; the band edges are the dimensions that complete `beta_fast` and `beta_slow`
+    rotations over the original context length.
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    extrapolated = 1.0 / base**exponents
+    scaling = config.rope_scaling
+    if scaling is None:
+        return extrapolated.float(), 1.0
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp
+    inv_freq = extrapolated / factor * (1 - keep) + extrapolated * keep
+    magnitude = yarn_mscale(factor, float(scaling.get("mscale", 1))) / yarn_mscale(
+        factor, float(scaling.get("mscale_all_dim", 0))
+    )
+    return inv_freq.float(), magnitude
+
+
+def softmax_scale(config: MLAConfig) -> float:
+    scale = config.qk_head_dim**-0.5
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.get("mscale_all_dim", 0):
+        m = yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len), applied to adjacent pairs (2i, 2i+1)."""
+
+    def __init__(self, config: MLAConfig) -> None:
+        super().__init__()
+        inv_freq, magnitude = rope_frequencies(config)
+        angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos() * magnitude, persistent=False)
+        self.register_buffer("sin", angles.sin() * magnitude, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., seq, d_rope): (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos)."""
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Causal MLA over (batch, seq, hidden); heads split over the TP group `group`."""
+
+    def __init__(self, config: MLAConfig, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        tp = group_size(group)
+        if config.num_heads % tp:
+            raise ValueError(f"model.num_heads={config.num_heads} is not divisible by tp={tp}")
+        self.config = config
+        self.group = group
+        self.local_heads = config.num_heads // tp
+        self.d_nope, self.d_rope, self.d_v = (
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
+        h, H = config.hidden_size, config.num_heads
+        if config.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(h, H * config.qk_head_dim, group=group)
+        else:
+            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, H * config.qk_head_dim, group=group)
+        self.kv_a_proj_with_mqa = nn.Linear(h, config.kv_lora_rank + self.d_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = ColumnParallelLinear(config.kv_lora_rank, H * (self.d_nope + self.d_v), group=group)
+        self.o_proj = RowParallelLinear(H * self.d_v, h, group=group)
+        self.rotary = RotaryEmbedding(config)
+        self.scale = softmax_scale(config)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        heads = self.local_heads
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, heads, self.d_nope + self.d_rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+
+        latent = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = latent.split([self.config.kv_lora_rank, self.d_rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv))
+        kv = kv.view(b, s, heads, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        # k_pe reaches the local heads without passing a column-parallel layer: sum its gradient here.
+        k_pe = copy_to_group(k_pe, self.group).unsqueeze(1)
+
+        q_pe = self.rotary(q_pe, positions)
+        k_pe = self.rotary(k_pe, positions).expand(b, heads, s, self.d_rope)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+        key = torch.cat([k_nope, k_pe], dim=-1)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
+        return self.o_proj(out)

@@ -1,0 +1,168 @@
+"""MLATransformer: a decoder-only language model with MLA attention and SwiGLU MLPs.
+
+    x_0 = E[ids]                                          vocab-parallel embedding
+    x'  = x + Attn(RMSNorm(x));  x_next = x' + MLP(RMSNorm(x'))   for each layer
+    logits = RMSNorm(x_L) W_head^T                        vocab-parallel head (or tied to E)
+    MLP(x) = (silu(x W_gate^T) * (x W_up^T)) W_down^T     gate/up column-parallel, down row-parallel
+
+Module and parameter names follow the Hugging Face DeepSeek layout (`model.embed_tokens`,
+`model.layers.{i}.self_attn.*`, `model.layers.{i}.mlp.*`, `model.norm`, `lm_head`), so checkpoint import,
+export and LoRA targets need no renaming.
+
+Initialisation is layout-independent: every parameter is drawn in full from a generator seeded by
+(seed, parameter name) and each TP rank keeps its shard, so one seed gives the same full weights for any
+(dp, tp). Norm weights start at one; everything else ~ N(0, init_std^2).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import MLAConfig
+from models.mla import MultiHeadLatentAttention, RMSNorm
+from parallel.collectives import copy_to_group, gather_from_group
+from parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_tensor,
+    tp_dim,
+    vocab_parallel_cross_entropy,
+)
+from parallel.topology import Topology
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP; the gate and up projections share one backward all-reduce of their input gradient."""
+
+    def __init__(self, config: MLAConfig, group=None) -> None:
+        super().__init__()
+        h, inter = config.hidden_size, config.intermediate_size
+        self.group = group
+        self.gate_proj = ColumnParallelLinear(h, inter, group=group, reduce_input_grad=False)
+        self.up_proj = ColumnParallelLinear(h, inter, group=group, reduce_input_grad=False)
+        self.down_proj = RowParallelLinear(inter, h, group=group)
+        if self.gate_proj.local_out * self.gate_proj.tp_size != inter:
+            raise ValueError(
+                f"model.intermediate_size={inter} is not divisible by tp={self.gate_proj.tp_size}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_group(x, self.group)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MLAConfig, group=None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config, group)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, group)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), positions))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class MLABackbone(nn.Module):
+    """Embedding, decoder layers (keyed by their global index) and the final norm."""
+
+    def __init__(self, config: MLAConfig, group=None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, group) for i in range(config.num_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers.values():
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, positions, use_reentrant=False)
+            else:
+                x = layer(x, positions)
+        return self.norm(x)
+
+
+class MLATransformer(nn.Module):
+    """The full model on one pipeline stage (all of it for now), sharded over `topology.tp_group`."""
+
+    def __init__(self, config: MLAConfig, topology: Topology | None = None) -> None:
+        super().__init__()
+        if topology is not None and topology.pp_size > 1:
+            raise NotImplementedError("pipeline parallelism (pp > 1) is not implemented yet")
+        self.config = config
+        self.group = topology.tp_group if topology is not None else None
+        tp = topology.tp_size if topology is not None else 1
+        if config.num_heads % tp:
+            raise ValueError(f"model.num_heads={config.num_heads} is not divisible by tp={tp}")
+        self.model = MLABackbone(config, self.group)
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, group=self.group)
+        embed = self.model.embed_tokens
+        self.vocab_valid_local = max(0, min(embed.local_rows, config.vocab_size - embed.vocab_start))
+        self.reset_parameters()
+
+    @property
+    def head_weight(self) -> nn.Parameter:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Draw every parameter in full from (seed, name) and keep this rank's shard.
+
+        `seed=None` uses `torch.initial_seed()`, i.e. the value given to `torch.manual_seed`.
+        """
+        seed = torch.initial_seed() if seed is None else seed
+        tp_rank, tp_size = self.model.embed_tokens.tp_rank, self.model.embed_tokens.tp_size
+        for name, param in self.named_parameters():
+            dim = tp_dim(param)
+            full_shape = list(param.shape)
+            if dim is not None:
+                full_shape[dim] = param.tp_full_size
+            if name.endswith("norm.weight"):
+                full = torch.ones(full_shape)
+            else:
+                generator = torch.Generator().manual_seed(
+                    (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+                )
+                full = torch.randn(full_shape, generator=generator) * self.config.init_std
+            local = full if dim is None else shard_tensor(full, dim, tp_rank, tp_size)
+            param.copy_(local)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them."""
+        self.model.activation_checkpointing = enabled
+
+    def forward(self, input_ids: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab / tp) on this rank's vocabulary slice, or full vocab if gathered."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
+        hidden = self.model(input_ids)
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(copy_to_group(hidden, self.group), self.model.embed_tokens.weight)
+        if self.vocab_valid_local < logits.shape[-1]:
+            padding = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_valid_local
+            logits = logits.masked_fill(padding, float("-inf"))
+        if gather_output and self.model.embed_tokens.tp_size > 1:
+            logits = gather_from_group(logits, -1, self.group).narrow(-1, 0, self.config.vocab_size)
+        return logits
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored."""
+        return vocab_parallel_cross_entropy(self(input_ids), targets, self.group, reduction=reduction)

@@ -1,0 +1,42 @@
+"""Parallelism written directly on torch.distributed: topology, collectives, TP layers, data parallel."""
+
+from parallel.collectives import (
+    copy_to_group,
+    gather_from_group,
+    gather_from_sequence_parallel,
+    reduce_from_group,
+    reduce_scatter_to_group,
+    split_to_group,
+)
+from parallel.data_parallel import DataParallel
+from parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    full_tensor,
+    gather_tensor,
+    shard_tensor,
+    vocab_parallel_cross_entropy,
+)
+from parallel.topology import ParallelDims, Topology, destroy_distributed, init_distributed
+
+__all__ = [
+    "ColumnParallelLinear",
+    "DataParallel",
+    "ParallelDims",
+    "RowParallelLinear",
+    "Topology",
+    "VocabParallelEmbedding",
+    "copy_to_group",
+    "destroy_distributed",
+    "full_tensor",
+    "gather_from_group",
+    "gather_from_sequence_parallel",
+    "gather_tensor",
+    "init_distributed",
+    "reduce_from_group",
+    "reduce_scatter_to_group",
+    "shard_tensor",
+    "split_to_group",
+    "vocab_parallel_cross_entropy",
+]
