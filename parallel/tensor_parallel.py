@@ -239,7 +239,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, ignore_index, group):
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         local_max = logits.max(dim=-1).values
         if group_size(group) > 1:
             dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
@@ -275,7 +275,7 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross-entropy of vocab-sharded logits (..., V/tp) against full targets (...), computed in fp32.
+    """Cross-entropy of vocab-sharded logits (..., V/tp) against full targets (...), in fp32 or wider.
 
     Rank r holds vocabulary ids [r * V_local, (r + 1) * V_local). Targets equal to `ignore_index` add
     nothing. `reduction`: "mean" over non-ignored tokens (0 when all are ignored), "sum", or "none"
