@@ -168,11 +168,11 @@ def test_dataset_fields_describe_the_token_files(corpus: Path, tmp_path: Path) -
     assert ds.max_token_id == max(ds.train_tokens.max(), ds.val_tokens.max())
 
 
-def test_val_is_the_last_documents_and_never_in_train(corpus: Path, tmp_path: Path) -> None:
-    ds = _prepare(corpus, tmp_path / "cache", Calls())  # 0.34 of 6 documents -> 2 held out
+def test_val_documents_are_spread_and_never_in_train(corpus: Path, tmp_path: Path) -> None:
+    ds = _prepare(corpus, tmp_path / "cache", Calls())  # 0.34 of 6 documents -> 2 held out: #1 and #4
     texts = [p.read_text(encoding="utf-8") for p in corpus_files(str(corpus))]
-    assert _documents(ds, ds.train_tokens) == texts[:4]
-    assert _documents(ds, ds.val_tokens) == texts[4:]
+    assert _documents(ds, ds.train_tokens) == [texts[i] for i in (0, 2, 3, 5)]
+    assert _documents(ds, ds.val_tokens) == [texts[1], texts[4]]
 
 
 def test_single_document_is_split_by_tokens(tmp_path: Path) -> None:

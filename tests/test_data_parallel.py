@@ -33,7 +33,9 @@ CONFIG = MLAConfig(
 
 def _batches(steps: int, global_batch: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(11)
-    return [torch.randint(0, CONFIG.vocab_size, (global_batch, 13), generator=generator) for _ in range(steps)]
+    return [
+        torch.randint(0, CONFIG.vocab_size, (global_batch, 13), generator=generator) for _ in range(steps)
+    ]
 
 
 def _reference(batches, micro: int, dtype: torch.dtype):

@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SNIFF_BYTES = 8192
 _ENCODE_BATCH = 64
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -246,7 +246,10 @@ def _build(
             n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
         else:
             n_val_docs = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
-            head, tail = files[: n_docs - n_val_docs], files[n_docs - n_val_docs :]
+            # Spread the held-out documents evenly over the corpus so validation sees every kind of text.
+            val_index = {int((j + 0.5) * n_docs / n_val_docs) for j in range(n_val_docs)}
+            head = [p for i, p in enumerate(files) if i not in val_index]
+            tail = [p for i, p in enumerate(files) if i in val_index]
             n_train = _write_split(
                 tmp, "train", _encode_documents(tok, head, eot_id), {**info, "num_documents": len(head)}
             )
@@ -303,8 +306,8 @@ def prepare_dataset(
     the tokenizer file's content, max_corpus_mb, val_fraction and the format version. If it is missing,
     the ``is_builder`` rank builds it (atomically: temporary folder, then rename). Then every rank calls
     ``barrier()`` exactly once, also when this call fails, so ranks never diverge; then every rank loads
-    it. The validation split is the last ``val_fraction`` of the documents (at least one each side), or
-    of the tokens when there is a single document.
+    it. The validation split is ``val_fraction`` of the documents, spread evenly over the corpus (at
+    least one each side), or the tail of the tokens when there is a single document.
     """
     try:
         if not 0 < val_fraction < 1:

@@ -1,0 +1,41 @@
+"""Train an MLA transformer: `python examples/train_mla.py [--config FILE] [section.key=value ...]`.
+
+Under torchrun (`torchrun --standalone --nproc-per-node N examples/train_mla.py ...`) every process runs
+this script and the layout comes from `distributed.{dp,tp,pp}` and the world size. With no arguments it
+trains a tiny model on the built-in corpus (the Python standard library's sources) on whatever is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from train.config import ConfigError, config_to_dict, load_config
+from train.context import fail
+from train.trainer import train_once
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", help="YAML file with sections model, data, distributed, optim, train, lora"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the configuration and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+            return None
+        return train_once(config)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        fail(str(error).splitlines()[0] if str(error) else repr(error))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

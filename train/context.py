@@ -1,0 +1,91 @@
+"""RunContext: where this run executes — one process, or one rank of a torchrun world — and its layout.
+
+The choice comes from the environment (torchrun sets RANK and WORLD_SIZE) and the `distributed` section
+of the config; one log line on rank 0 says which was chosen and why. Layout rules when the config leaves
+sizes open: `tp` defaults to 1 (data parallelism is the cheapest way to use more ranks for a model that
+fits), and `dp` is whatever is left of the world size.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from parallel.topology import ParallelDims, Topology, destroy_distributed, init_distributed
+from train.config import Config, ConfigError
+
+
+@dataclass
+class RunContext:
+    topology: Topology
+    description: str
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.topology.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.topology.device
+
+    def log(self, message: str) -> None:
+        """Print on global rank 0 only."""
+        if self.is_main:
+            print(message, flush=True)
+
+    def barrier(self) -> None:
+        self.topology.barrier()
+
+    def close(self) -> None:
+        destroy_distributed(self.topology)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RunContext:
+        """Build the topology the config and the environment ask for; errors name the config key."""
+        dist_cfg = config.distributed
+        launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+        tp = dist_cfg.tp or 1
+        pp = dist_cfg.pp
+        if world % (tp * pp):
+            raise ConfigError(
+                f"distributed.tp={tp} x distributed.pp={pp} does not divide the world size {world}"
+            )
+        dp = dist_cfg.dp or world // (tp * pp)
+        if dp * tp * pp != world:
+            hint = "" if launched else f" (launch with: torchrun --nproc-per-node {dp * tp * pp} ...)"
+            raise ConfigError(
+                f"distributed: dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} does not equal the world size "
+                f"{world}{hint}"
+            )
+        backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
+        topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, dist_cfg.timeout_s)
+        if topology.is_distributed:
+            why = "torchrun environment (RANK/WORLD_SIZE set)"
+            how = f"distributed: {world} ranks over {topology.backend}"
+        else:
+            why = "no torchrun environment (RANK/WORLD_SIZE unset)"
+            how = "single process"
+        layout = f"dp={dp} tp={tp} pp={pp}"
+        if dist_cfg.dp is None and dist_cfg.tp is None and world > 1:
+            layout += (
+                f" (chosen from world size {world}: data parallel; set distributed.tp to shard the model)"
+            )
+        description = f"{how} on {topology.device}, {layout} — {why}"
+        context = cls(topology=topology, description=description)
+        context.log(description)
+        return context
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error (once per world, from rank 0) and exit."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -1,0 +1,335 @@
+"""The training loop: data, model, optimizer, schedule, accumulation, clipping, evaluation, logging.
+
+One optimizer step consumes the global batch of that step (`train.global_batch_size` sequences, chosen
+from (seed, step) alone). Each dp rank takes its contiguous slice and splits it into micro-batches of
+`train.micro_batch_size`; the loss of a micro-batch is its mean token loss divided by the number of
+micro-batches, so after the data-parallel average the gradient is that of the global-batch mean loss
+whatever (dp, tp, micro_batch_size) is used — the loss curve is layout-independent up to floating-point
+summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from models.config import MLAConfig
+from models.transformer import MLATransformer
+from parallel.collectives import group_size
+from parallel.data_parallel import DataParallel
+from parallel.grad_clip import clip_grad_norm_
+from parallel.tensor_parallel import full_tensor
+from train.config import Config, ConfigError, config_to_dict, dump_config
+from train.context import RunContext
+from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
+
+NOT_YET = {
+    "distributed.pp": (lambda c: c.distributed.pp > 1, "pipeline parallelism"),
+    "distributed.zero_stage": (lambda c: c.distributed.zero_stage > 0, "ZeRO sharding"),
+    "distributed.offload_optimizer": (lambda c: c.distributed.offload_optimizer, "optimizer CPU offload"),
+    "distributed.sequence_parallel": (lambda c: c.distributed.sequence_parallel, "sequence parallelism"),
+    "distributed.virtual_stages": (lambda c: c.distributed.virtual_stages > 1, "interleaved pipeline stages"),
+    "optim.name": (lambda c: c.optim.name != "adamw", "8-bit AdamW"),
+    "train.precision": (lambda c: c.train.precision == "fp16", "fp16 with loss scaling"),
+    "train.resume": (lambda c: c.train.resume != "never", "resuming from checkpoints"),
+    "train.save_every": (lambda c: c.train.save_every > 0, "periodic checkpoints"),
+    "lora.enabled": (lambda c: c.lora.enabled, "LoRA fine-tuning"),
+    "model.pretrained": (lambda c: c.model.get("pretrained") is not None, "loading pretrained weights"),
+}
+
+
+def check_supported(config: Config) -> None:
+    """Reject, up front, the options whose features have not landed yet (see the README's matrix)."""
+    for key, (is_set, feature) in NOT_YET.items():
+        if is_set(config):
+            section, name = key.split(".")
+            value = config.model.get(name) if section == "model" else getattr(getattr(config, section), name)
+            raise ConfigError(
+                f"{key}={value!r}: {feature} is not supported yet (see the README's support matrix)"
+            )
+
+
+def model_config(config: Config, dataset: Dataset) -> MLAConfig:
+    """MLAConfig defaults, the tokenizer's vocabulary size, then the user's `model` keys."""
+    fields = {k: v for k, v in config.model.items() if k != "pretrained"}
+    fields.setdefault("vocab_size", dataset.vocab_size)
+    mcfg = MLAConfig(**fields)
+    if dataset.max_token_id >= mcfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={mcfg.vocab_size}: the data contains token id {dataset.max_token_id}, at or "
+            f"above the vocabulary size (the tokenizer has {dataset.vocab_size} tokens)"
+        )
+    if config.data.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len}: exceeds model.max_seq_len={mcfg.max_seq_len}")
+    return mcfg
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warmup to `optim.lr` over `warmup_steps`, then cosine / linear decay to `min_lr` (or constant)."""
+    opt, total = config.optim, config.train.steps
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return opt.lr
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, total - opt.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule == "cosine" else 1 - progress
+    return opt.min_lr + (opt.lr - opt.min_lr) * shape
+
+
+def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(
+        groups, lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps, **impl
+    )
+
+
+def micro_batch_size(config: Config, dp: int) -> int:
+    gbs, mbs = config.train.global_batch_size, config.train.micro_batch_size
+    if gbs % dp:
+        raise ConfigError(f"train.global_batch_size={gbs}: not divisible by dp={dp}")
+    mbs = mbs or gbs // dp
+    if (gbs // dp) % mbs:
+        raise ConfigError(
+            f"train.micro_batch_size={mbs}: must divide the per-rank batch global_batch_size/dp = {gbs // dp}"
+        )
+    return mbs
+
+
+def autocast(config: Config, device: torch.device):
+    if config.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: MLATransformer, windows: np.ndarray, mbs: int, context: RunContext, config: Config
+) -> float:
+    """Mean next-token loss over the validation windows, split over the dp ranks."""
+    topo = context.topology
+    model.eval()
+    mine = np.array_split(windows, topo.dp_size)[topo.dp_rank]
+    totals = torch.zeros(2, dtype=torch.float64, device=context.device)
+    for start in range(0, len(mine), mbs):
+        chunk = torch.from_numpy(mine[start : start + mbs]).to(context.device)
+        with autocast(config, context.device):
+            loss_sum = model.loss(chunk[:, :-1], chunk[:, 1:], reduction="sum")
+        totals += torch.stack([loss_sum.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64)])
+    if group_size(topo.dp_group) > 1:
+        dist.all_reduce(totals, group=topo.dp_group)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def generate(
+    model: MLATransformer, prompt_ids: list[int], new_tokens: int, device: torch.device, seed: int
+) -> list[int]:
+    """Sample with temperature 0.8 and top-k 40, recomputing the full prefix each token (no cache).
+
+    Every rank draws from the same generator and sees the same gathered logits, so all agree.
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    for _ in range(new_tokens):
+        context_ids = torch.tensor([ids[-model.config.max_seq_len :]], device=device)
+        logits = model(context_ids, gather_output=True)[0, -1].float().cpu() / 0.8
+        top = torch.topk(logits, k=min(40, logits.numel()))
+        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+        ids.append(int(top.indices[choice]))
+    model.train()
+    return ids
+
+
+def save_final_weights(model: MLATransformer, out_dir: Path, context: RunContext) -> Path:
+    """Full (TP-gathered) weights as `final/model.safetensors` + `final/config.json`, written by rank 0."""
+    tensors = {name: full_tensor(p, model.group).cpu().contiguous() for name, p in model.named_parameters()}
+    folder = out_dir / "final"
+    if context.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    return folder
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_once(config: Config, context: RunContext | None = None) -> dict:
+    """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
+    check_supported(config)
+    own_context = context is None
+    context = context or RunContext.from_config(config)
+    try:
+        return _train(config, context)
+    finally:
+        if own_context:
+            context.close()
+
+
+def _train(config: Config, context: RunContext) -> dict:
+    topo, device, tc = context.topology, context.device, config.train
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    dataset = prepare_dataset(
+        config.data.corpus,
+        tokenizer=config.data.tokenizer,
+        vocab_size=config.data.vocab_size,
+        cache_dir=config.data.cache_dir,
+        max_corpus_mb=config.data.max_corpus_mb,
+        val_fraction=config.data.val_fraction,
+        is_builder=topo.local_rank == 0,
+        barrier=context.barrier,
+        log=context.log,
+    )
+    mcfg = model_config(config, dataset)
+    mbs = micro_batch_size(config, topo.dp_size)
+    accumulation = tc.global_batch_size // topo.dp_size // mbs
+    seq_len = config.data.seq_len
+    sampler = BatchSampler(dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
+    val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * mbs * topo.dp_size)
+
+    torch.manual_seed(tc.seed)
+    model = MLATransformer(mcfg, topo).to(device)
+    model.set_activation_checkpointing(config.distributed.activation_checkpointing)
+    wrapped = DataParallel(model, topo.dp_group, config.distributed.bucket_cap_mb)
+    optimizer = build_optimizer(model, config, device)
+
+    out_dir = Path(tc.out_dir)
+    resolved = replace(
+        config,
+        model={**mcfg.to_dict(), "pretrained": None},
+        distributed=replace(config.distributed, dp=topo.dp_size, tp=topo.tp_size),
+        train=replace(tc, micro_batch_size=mbs),
+    )
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(resolved, out_dir / "config.yaml")
+        (out_dir / "metrics.jsonl").write_text("")
+    context.log(
+        f"model: {mcfg.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
+        f"{mcfg.num_layers} layers; batch {tc.global_batch_size} x {seq_len} tokens = "
+        f"{topo.dp_size} dp x {accumulation} micro-batches x {mbs}; {tc.steps} steps"
+    )
+
+    metrics_file = out_dir / "metrics.jsonl"
+
+    def record(entry: dict) -> None:
+        if context.is_main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    tokens_per_step = tc.global_batch_size * seq_len
+    start = last_log_time = time.perf_counter()
+    last_log_step = 0
+    loss_sum = torch.zeros((), device=device)
+    history, val_history = [], []
+    initial = evaluate(model, val_windows, mbs, context, config)
+    val_history.append({"step": 0, "split": "val", "loss": initial, "perplexity": math.exp(min(initial, 50))})
+    record(val_history[0])
+    context.log(
+        f"val_loss {initial:.4f} | val_ppl {val_history[0]['perplexity']:.2f} | step 0 (before training)"
+    )
+    start = last_log_time = time.perf_counter()
+    for step in range(tc.steps):
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = torch.from_numpy(sampler.local_batch(step, topo.dp_rank, topo.dp_size))
+        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+        step_loss = torch.zeros((), device=device)
+        for i, micro in enumerate(batch.split(mbs)):
+            last = i == accumulation - 1
+            with contextlib.nullcontext() if last else wrapped.no_sync(), autocast(config, device):
+                loss = model.loss(micro[:, :-1], micro[:, 1:]) / accumulation
+                loss.backward()
+            step_loss += loss.detach().float()
+        grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip, topo.tp_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        loss_sum += step_loss
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            if group_size(topo.dp_group) > 1:
+                dist.all_reduce(loss_sum, group=topo.dp_group)
+                loss_sum /= topo.dp_size
+            mean_loss = loss_sum.item() / (done - last_log_step)
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * (done - last_log_step) / (now - last_log_time)
+            elapsed = now - start
+            eta = elapsed / done * (tc.steps - done)
+            entry = {
+                "step": done,
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tokens_per_s,
+                "tokens": done * tokens_per_step,
+                "elapsed_s": elapsed,
+            }
+            record(entry)
+            history.append(entry)
+            context.log(
+                f"step {done:>6}/{tc.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad-norm "
+                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | elapsed {_format_seconds(elapsed)} | "
+                f"eta {_format_seconds(eta)}"
+            )
+            loss_sum.zero_()
+            last_log_step, last_log_time = done, time.perf_counter()
+        if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
+            eval_start = time.perf_counter()
+            val_loss = evaluate(model, val_windows, mbs, context, config)
+            entry = {
+                "step": done,
+                "split": "val",
+                "loss": val_loss,
+                "perplexity": math.exp(min(val_loss, 50)),
+            }
+            record(entry)
+            val_history.append(entry)
+            context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
+            last_log_time += time.perf_counter() - eval_start
+
+    final_dir = save_final_weights(model, out_dir, context)
+    context.log(f"saved final weights to {final_dir}")
+    sample = None
+    if tc.sample_tokens:
+        prompt = dataset.tokenizer.encode(tc.sample_prompt).ids or [dataset.eot_id]
+        ids = generate(model, prompt, tc.sample_tokens, device, tc.seed)
+        sample = dataset.tokenizer.decode(ids)
+        context.log("sample: " + json.dumps(sample))
+    context.barrier()
+    return {
+        "final_loss": history[-1]["loss"],
+        "val_loss": val_history[-1]["loss"],
+        "val_perplexity": val_history[-1]["perplexity"],
+        "first_val_loss": val_history[0]["loss"],
+        "steps": tc.steps,
+        "tokens": tc.steps * tokens_per_step,
+        "elapsed_s": time.perf_counter() - start,
+        "out_dir": str(out_dir),
+        "history": history,
+        "val_history": val_history,
+        "sample": sample,
+        "config": config_to_dict(resolved),
+    }
