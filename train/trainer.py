@@ -75,7 +75,7 @@ def model_config(config: Config, dataset: Dataset) -> MLAConfig:
 
 
 def lr_at(step: int, config: Config) -> float:
-    """Linear warmup to `optim.lr` over `warmup_steps`, then cosine / linear decay to `min_lr` (or constant)."""
+    """Linear warmup to `optim.lr`, then cosine or linear decay to `min_lr`, or constant."""
     opt, total = config.optim, config.train.steps
     if step < opt.warmup_steps:
         return opt.lr * (step + 1) / opt.warmup_steps
@@ -291,8 +291,8 @@ def _train(config: Config, context: RunContext) -> dict:
             history.append(entry)
             context.log(
                 f"step {done:>6}/{tc.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad-norm "
-                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | elapsed {_format_seconds(elapsed)} | "
-                f"eta {_format_seconds(eta)}"
+                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
+                f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
             )
             loss_sum.zero_()
             last_log_step, last_log_time = done, time.perf_counter()
