@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from models.config import MLAConfig
 from train.config import ConfigError, config_to_dict, load_config
 from train.context import fail
 from train.trainer import train_once
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:
-            print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+            resolved = config_to_dict(config)
+            defaults = {k: v for k, v in MLAConfig().to_dict().items() if k != "vocab_size"}
+            resolved["model"] = {**defaults, **resolved["model"]}
+            print("# model.vocab_size, unless set, is the trained tokenizer's vocabulary size")
+            print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return None
         return train_once(config)
     except (ConfigError, ValueError, FileNotFoundError) as error:

@@ -39,7 +39,7 @@ class DataConfig:
     vocab_size: int = 2048  # target size when training the tokenizer
     seq_len: int = 128
     cache_dir: str = ".cache/mla-parallel"
-    max_corpus_mb: float = 4.0  # cap on the built-in corpus size
+    max_corpus_mb: float | None = 4.0  # cap on the corpus size in MiB (null: no cap)
     val_fraction: float = 0.05  # in (0, 0.5]
 
 
@@ -167,7 +167,7 @@ RULES: dict[str, Rule] = {
     "train.grad_clip": _at_least(0),
     "train.log_every": _at_least(1),
     "train.eval_every": _at_least(0),
-    "train.eval_batches": _at_least(0),
+    "train.eval_batches": _at_least(1),
     "train.save_every": _at_least(0),
     "train.sample_tokens": _at_least(0),
     "lora.r": _at_least(1),
