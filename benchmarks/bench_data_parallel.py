@@ -103,7 +103,7 @@ def ddp_bucket_count(ddp: DistributedDataParallel) -> int | None:
 def bench(rank: int, world_size: int, quick: bool) -> dict:
     group = dist.group.WORLD
     batch, seq = (4, 64) if quick else (8, 128)
-    warmup, repeats = (2, 5) if quick else (3, 20)
+    warmup, repeats = (2, 5) if quick else (3, 30)
 
     config = MLAConfig(**CONFIG)
     torch.manual_seed(0)

@@ -5,8 +5,9 @@ on an input x of shape (batch, seq, hidden) that needs a gradient (a block in th
 
 1. Time of forward + backward at tp=2 (the block split over the 2 ranks) and at tp=1 (each rank runs a
    full, unsplit copy of the same block on the same input, so both cores are busy in both cases),
-   interleaved round by round and timed between barriers; medians, speed-up tp1/tp2 (ideal 2) and the
-   median of the per-round ratios, which is robust to the drift of this shared machine.
+   interleaved round by round and timed between barriers; medians, and the speed-up tp1/tp2 (ideal 2)
+   as the median of the per-round ratios (robust to the drift of this shared machine), as the ratio of
+   medians and as the ratio of minimums (noise from other users only ever adds time).
 2. The collectives of one forward + backward at tp=2, counted by wrapping `torch.distributed.all_reduce`
    (and all_gather / reduce_scatter / broadcast, which should not occur) for that one step: calls and
    payload bytes per phase, against two lower bounds, with T = batch * seq tokens and 4-byte floats:
@@ -234,10 +235,11 @@ def bench_one(config: MLAConfig, group, rank: int, world: int, shape, warmup: in
 
 def bench(rank: int, world_size: int, quick: bool) -> dict:
     group = dist.group.WORLD
-    shape = (2, 64) if quick else (4, 128)
-    warmup, repeats = (2, 5) if quick else (5, 40)
+    shapes = [(2, 64)] if quick else [(4, 128), (8, 256)]
+    warmup, repeats = (2, 5) if quick else (5, 60)
     runs = [
         bench_one(MLAConfig(**BASE_CONFIG, q_lora_rank=q), group, rank, world_size, shape, warmup, repeats)
+        for shape in shapes
         for q in Q_LORA_RANKS
     ]
     return {
@@ -270,6 +272,7 @@ def main() -> None:
                 r["tp2"]["median_ms"],
                 f"{r['speedup_of_medians']:.2f}",
                 f"{r['speedup_paired']:.2f}",
+                f"{r['tp1']['min_ms'] / r['tp2']['min_ms']:.2f}",
                 f"{r['speedup_paired'] / p:.0%}",
                 f"{max(r['max_abs_diff_output'], r['max_abs_diff_input_grad']):.1e}",
             ]
@@ -281,7 +284,8 @@ def main() -> None:
         f"tp={p} ms",
         "speed-up (medians)",
         "speed-up (paired)",
-        "efficiency",
+        "speed-up (min)",
+        "efficiency (paired)",
         "max |diff| vs tp=1",
     ]
     print(markdown_table(headers, rows))
@@ -295,6 +299,7 @@ def main() -> None:
             rows.append(
                 [
                     r["q_lora_rank"],
+                    "x".join(map(str, r["shape"])),
                     phase,
                     f"{m['calls']} / {mins['dense_calls'][phase]} / {mins['latent_calls'][phase]}",
                     m["bytes"],
@@ -307,6 +312,7 @@ def main() -> None:
             )
     headers = [
         "q_lora_rank",
+        "x shape",
         "phase",
         "calls (measured / dense / latent)",
         "measured bytes",
@@ -319,6 +325,8 @@ def main() -> None:
     print(markdown_table(headers, rows))
 
     for r in result["runs"]:
+        if r["shape"] != result["runs"][0]["shape"]:
+            continue  # the same calls at every shape, only the sizes scale with batch * seq
         print(f"\ncollectives of one forward + backward, q_lora_rank={r['q_lora_rank']}:")
         for c in r["calls"]:
             print(f"  {c['phase']:8s} {c['op']:14s} {str(tuple(c['shape'])):18s} {c['bytes']:>9d} bytes")

@@ -7,6 +7,7 @@ cannot turn last-bit gradient differences into visible loss differences.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,10 +79,12 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dp,tp", [(2, 1), (1, 2), (2, 2)])
-def test_loss_curve_does_not_depend_on_layout(dp, tp, cache_dir, reference_run, tmp_path):
+@pytest.mark.parametrize("dp,tp,micro", [(2, 1, None), (1, 2, None), (2, 2, None), (2, 1, 2), (1, 1, 1)])
+def test_loss_curve_does_not_depend_on_layout(dp, tp, micro, cache_dir, reference_run, tmp_path):
     reference_dir, run_dir = reference_run, tmp_path / "run"
     args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={run_dir}", f"distributed.dp={dp}"]
+    if micro is not None:  # gradient accumulation over global_batch_size / (dp * micro) micro-batches
+        args.append(f"train.micro_batch_size={micro}")
     run = run_cli([*args, f"distributed.tp={tp}"], dp * tp)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     expected = [m for m in read_metrics(reference_dir) if "split" not in m]
@@ -106,6 +109,15 @@ def test_single_process_run_writes_the_contract_files(cache_dir, tmp_path):
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(m) for m in train_records)
     assert any(m.get("split") == "val" for m in metrics)
     assert (out / "config.yaml").exists() and (out / "final" / "model.safetensors").exists()
+
+
+def test_bf16_autocast_trains_at_tp2(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={out}", "train.precision=bf16"]
+    result = run_cli([*args, "distributed.tp=2", "optim.lr=3e-3", "train.steps=6"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(out) if "split" not in m]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 def test_print_config_prints_and_exits(tmp_path):

@@ -82,7 +82,7 @@ class TrainConfig:
     seed: int = 1234
     log_every: int = 10
     eval_every: int = 50  # 0 disables periodic eval (a final eval still runs)
-    eval_batches: int = 8
+    eval_batches: int = 8  # validation size, in global batches of windows (layout-independent)
     save_every: int = 0
     out_dir: str = "runs/default"
     resume: str = "never"  # never | auto | a path

@@ -206,7 +206,7 @@ def _train(config: Config, context: RunContext) -> dict:
     accumulation = tc.global_batch_size // topo.dp_size // mbs
     seq_len = config.data.seq_len
     sampler = BatchSampler(dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
-    val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * mbs * topo.dp_size)
+    val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size)
 
     torch.manual_seed(tc.seed)
     model = MLATransformer(mcfg, topo).to(device)

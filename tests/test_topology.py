@@ -1,0 +1,73 @@
+"""The (pp, dp, tp) rank grid: pure arithmetic first, then the groups a real world builds."""
+
+import pytest
+import torch.distributed as dist
+from dist_harness import grid, run_distributed
+
+from parallel import ParallelDims, init_distributed
+
+
+def test_rank_order_is_pp_dp_tp_with_tp_fastest():
+    dims = ParallelDims(dp=2, tp=2, pp=2)
+    assert [dims.coords_of(r) for r in range(8)] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)
+    ]  # fmt: skip
+    assert dims.tp_group_ranks() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.dp_group_ranks() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.pp_group_ranks() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize("dp,tp,pp", [(1, 1, 1), (3, 1, 2), (2, 4, 1), (1, 2, 3)])
+def test_every_rank_is_in_exactly_one_group_of_each_kind(dp, tp, pp):
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp)
+    for groups, size in (
+        (dims.tp_group_ranks(), tp),
+        (dims.dp_group_ranks(), dp),
+        (dims.pp_group_ranks(), pp),
+    ):
+        flat = sorted(r for g in groups for r in g)
+        assert flat == list(range(dims.world_size))
+        assert all(len(g) == size for g in groups)
+
+
+def test_bad_dims_are_rejected():
+    with pytest.raises(ValueError, match="ParallelDims.tp=0"):
+        ParallelDims(tp=0)
+
+
+def test_single_process_has_no_groups():
+    topo = init_distributed()
+    assert (topo.world_size, topo.rank, topo.tp_group, topo.dp_group) == (1, 0, None, None)
+    assert topo.is_first_stage and topo.is_last_stage and not topo.is_distributed
+
+
+def test_world_size_mismatch_names_all_four_numbers():
+    with pytest.raises(ValueError, match=r"dp\*tp\*pp = 2\*2\*1 = 4 does not equal world_size=1"):
+        init_distributed(ParallelDims(dp=2, tp=2))
+
+
+def _check_groups() -> list:
+    with grid(dp=2, tp=2) as topo:
+        assert topo.backend == "gloo" and str(topo.device) == "cpu"
+        tp_ranks = [None, None]
+        dist.all_gather_object(tp_ranks, topo.rank, group=topo.tp_group)
+        dp_ranks = [None, None]
+        dist.all_gather_object(dp_ranks, topo.rank, group=topo.dp_group)
+        return [topo.rank, topo.dp_rank, topo.tp_rank, tp_ranks, dp_ranks, topo.tp_ranks, topo.dp_ranks]
+
+
+def test_groups_of_a_real_world():
+    results = run_distributed(4, _check_groups)
+    for rank, dp_rank, tp_rank, tp_ranks, dp_ranks, tp_list, dp_list in results:
+        assert (dp_rank, tp_rank) == divmod(rank, 2)
+        assert tp_ranks == tp_list == [2 * dp_rank, 2 * dp_rank + 1]
+        assert dp_ranks == dp_list == [tp_rank, 2 + tp_rank]
+
+
+def _check_mismatch() -> None:
+    with pytest.raises(ValueError, match="does not equal world_size=2"):
+        init_distributed(ParallelDims(dp=3))
+
+
+def test_world_size_mismatch_in_a_real_world():
+    run_distributed(2, _check_mismatch)
