@@ -11,8 +11,18 @@ from parallel import gather_tensor
 from parallel.grad_clip import clip_grad_norm_
 from parallel.tensor_parallel import tp_dim
 
-CONFIG = MLAConfig(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4, kv_lora_rank=16,
-                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=64, max_seq_len=16)  # fmt: skip
+CONFIG = MLAConfig(
+    vocab_size=101,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    intermediate_size=64,
+    max_seq_len=16,
+)
 
 
 def _grads_after_backward(topology):
