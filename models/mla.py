@@ -34,6 +34,7 @@ from torch import nn
 from models.config import MLAConfig
 from parallel.collectives import copy_to_group, group_size
 from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from parallel.zero_bubble import Linear
 
 
 class RMSNorm(nn.Module):
@@ -136,10 +137,10 @@ class MultiHeadLatentAttention(nn.Module):
         if config.q_lora_rank is None:
             self.q_proj = ColumnParallelLinear(h, H * config.qk_head_dim, group=group)
         else:
-            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, config.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, H * config.qk_head_dim, group=group)
-        self.kv_a_proj_with_mqa = nn.Linear(h, config.kv_lora_rank + self.d_rope, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, config.kv_lora_rank + self.d_rope, bias=False)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(config.kv_lora_rank, H * (self.d_nope + self.d_v), group=group)
         self.o_proj = RowParallelLinear(H * self.d_v, h, group=group)

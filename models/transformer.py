@@ -17,6 +17,7 @@ Initialisation is layout-independent: every parameter is drawn in full from a ge
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    shard_size,
     shard_tensor,
     tp_dim,
     vocab_parallel_cross_entropy,
@@ -71,50 +73,99 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
-class MLABackbone(nn.Module):
-    """Embedding, decoder layers (keyed by their global index) and the final norm."""
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model a pipeline stage holds: layers [layer_start, layer_end), plus the
+    embedding on the first stage and the final norm + LM head on the last."""
 
-    def __init__(self, config: MLAConfig, group=None) -> None:
+    layer_start: int
+    layer_end: int
+    is_first: bool = True
+    is_last: bool = True
+
+
+def split_layers(num_layers: int, num_stages: int, sizes: list[int] | None = None) -> list[StageSpec]:
+    """Contiguous split of the layers over `num_stages` stages, as even as possible (or the given
+    `sizes`). Leftover layers go to the middle stages first, then the first stage, and to the last
+    stage (which also computes the LM head and the loss) only when nothing else is left."""
+    if sizes is None:
+        if num_stages > num_layers:
+            raise ValueError(
+                f"model.num_layers={num_layers} is too few for {num_stages} pipeline stages "
+                "(pp x virtual_stages): every stage needs at least one layer"
+            )
+        base, extra = divmod(num_layers, num_stages)
+        order = list(range(1, num_stages - 1)) + [0, num_stages - 1]
+        sizes = [base] * num_stages
+        for stage in order[:extra]:
+            sizes[stage] += 1
+    if len(sizes) != num_stages or sum(sizes) != num_layers or min(sizes) < 1:
+        raise ValueError(
+            f"distributed.pp_layers={sizes}: expected {num_stages} positive sizes summing to {num_layers}"
+        )
+    specs, start = [], 0
+    for stage, size in enumerate(sizes):
+        specs.append(StageSpec(start, start + size, stage == 0, stage == num_stages - 1))
+        start += size
+    return specs
+
+
+class MLABackbone(nn.Module):
+    """Embedding (first stage), decoder layers keyed by their global index, final norm (last stage)."""
+
+    def __init__(self, config: MLAConfig, group=None, stage: StageSpec | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, group) for i in range(config.num_layers)})
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        stage = stage or StageSpec(0, config.num_layers)
+        self.stage = stage
+        if stage.is_first:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, group) for i in range(stage.layer_start, stage.layer_end)}
+        )
+        if stage.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.activation_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere."""
+        x = self.embed_tokens(inputs) if self.stage.is_first else inputs
+        positions = torch.arange(x.shape[1], device=x.device)
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, positions, use_reentrant=False)
             else:
                 x = layer(x, positions)
-        return self.norm(x)
+        return self.norm(x) if self.stage.is_last else x
 
 
 class MLATransformer(nn.Module):
-    """The full model on one pipeline stage (all of it for now), sharded over `topology.tp_group`."""
+    """The model, or one pipeline stage of it (`stage`), sharded over `topology.tp_group`.
 
-    def __init__(self, config: MLAConfig, topology: Topology | None = None) -> None:
+    With `stage=None` it holds everything. A stage that is not the last returns hidden states from
+    `forward`; only the last stage has the head and `loss`.
+    """
+
+    def __init__(
+        self, config: MLAConfig, topology: Topology | None = None, stage: StageSpec | None = None
+    ) -> None:
         super().__init__()
-        if topology is not None and topology.pp_size > 1:
-            raise NotImplementedError("pipeline parallelism (pp > 1) is not implemented yet")
         self.config = config
         self.group = topology.tp_group if topology is not None else None
         tp = topology.tp_size if topology is not None else 1
         if config.num_heads % tp:
             raise ValueError(f"model.num_heads={config.num_heads} is not divisible by tp={tp}")
-        self.model = MLABackbone(config, self.group)
+        self.stage = stage or StageSpec(0, config.num_layers)
+        if config.tie_embeddings and not (self.stage.is_first and self.stage.is_last):
+            raise ValueError("model.tie_embeddings=true is not supported with pipeline parallelism (pp > 1)")
+        self.model = MLABackbone(config, self.group, self.stage)
         self.lm_head = None
-        if not config.tie_embeddings:
+        if self.stage.is_last and not config.tie_embeddings:
             self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, group=self.group)
-        embed = self.model.embed_tokens
-        self.vocab_valid_local = max(0, min(embed.local_rows, config.vocab_size - embed.vocab_start))
+        local_vocab = shard_size(config.vocab_size, tp)
+        tp_rank = topology.tp_rank if topology is not None else 0
+        self.vocab_valid_local = max(0, min(local_vocab, config.vocab_size - tp_rank * local_vocab))
+        self.tp_rank, self.tp_size = tp_rank, tp
         self.reset_parameters()
-
-    @property
-    def head_weight(self) -> nn.Parameter:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -123,7 +174,7 @@ class MLATransformer(nn.Module):
         `seed=None` uses `torch.initial_seed()`, i.e. the value given to `torch.manual_seed`.
         """
         seed = torch.initial_seed() if seed is None else seed
-        tp_rank, tp_size = self.model.embed_tokens.tp_rank, self.model.embed_tokens.tp_size
+        tp_rank, tp_size = self.tp_rank, self.tp_size
         for name, param in self.named_parameters():
             dim = tp_dim(param)
             full_shape = list(param.shape)
@@ -143,15 +194,21 @@ class MLATransformer(nn.Module):
         """Recompute each decoder layer's activations in backward instead of storing them."""
         self.model.activation_checkpointing = enabled
 
-    def forward(self, input_ids: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
-        """Logits (batch, seq, vocab / tp) on this rank's vocabulary slice, or full vocab if gathered."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
+    def forward(self, inputs: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab / tp) on this rank's vocabulary slice, or the full vocabulary if
+        gathered. `inputs` are token ids (batch, seq) on the first stage, hidden states elsewhere; a stage
+        that is not the last returns hidden states."""
+        expected_dim = 2 if self.stage.is_first else 3
+        if inputs.dim() != expected_dim:
+            what = "input_ids (batch, seq)" if self.stage.is_first else "hidden states (batch, seq, hidden)"
+            raise ValueError(f"expected {what}, got shape {tuple(inputs.shape)}")
+        if inputs.shape[1] > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
+                f"sequence length {inputs.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
-        hidden = self.model(input_ids)
+        hidden = self.model(inputs)
+        if not self.stage.is_last:
+            return hidden
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
         else:
@@ -159,10 +216,13 @@ class MLATransformer(nn.Module):
         if self.vocab_valid_local < logits.shape[-1]:
             padding = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_valid_local
             logits = logits.masked_fill(padding, float("-inf"))
-        if gather_output and self.model.embed_tokens.tp_size > 1:
+        if gather_output and self.tp_size > 1:
             logits = gather_from_group(logits, -1, self.group).narrow(-1, 0, self.config.vocab_size)
         return logits
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored."""
-        return vocab_parallel_cross_entropy(self(input_ids), targets, self.group, reduction=reduction)
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored.
+        (Last stage only; `inputs` as for `forward`.)"""
+        if not self.stage.is_last:
+            raise RuntimeError("loss() is only defined on the last pipeline stage")
+        return vocab_parallel_cross_entropy(self(inputs), targets, self.group, reduction=reduction)

@@ -38,6 +38,7 @@ from parallel.collectives import (
     reduce_scatter_to_group,
     split_to_group,
 )
+from parallel.zero_bubble import linear
 
 SEQUENCE_DIM = 1  # activations are (batch, seq, hidden)
 
@@ -131,7 +132,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel(x, SEQUENCE_DIM, self.group)
         elif self.reduce_input_grad:
             x = copy_to_group(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             y = gather_from_group(y, -1, self.group).narrow(-1, 0, self.out_features)
         return y
@@ -179,7 +180,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = split_to_group(x, -1, self.group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_group(y, SEQUENCE_DIM, self.group)
         else:
