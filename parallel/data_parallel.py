@@ -105,6 +105,26 @@ class DataParallel(nn.Module):
         except AttributeError:
             return getattr(self.module, name)
 
+    def all_reduce_gradients(self) -> None:
+        """Average every gradient over the dp group now (synchronously), for callers that ran all their
+        backward passes inside `no_sync()` — the pipeline executor, whose zero-bubble weight gradients
+        do not pass through autograd's hooks."""
+        if self.world == 1:
+            return
+        for bucket in self.buckets:
+            for p in bucket.params:
+                view = bucket.views[p]
+                if p.grad is None:
+                    view.zero_()
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+                p.grad = view
+            bucket.buffer.div_(self.world)
+            bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket = self.buckets[self.bucket_of[param]]
         view = bucket.views[param]

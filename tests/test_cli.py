@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train_mla.py")
 TINY = [
     "model.hidden_size=64",
-    "model.num_layers=2",
+    "model.num_layers=4",
     "model.num_heads=4",
     "model.q_lora_rank=32",
     "model.kv_lora_rank=32",
@@ -79,13 +79,33 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dp,tp,micro", [(2, 1, None), (1, 2, None), (2, 2, None), (2, 1, 2), (1, 1, 1)])
-def test_loss_curve_does_not_depend_on_layout(dp, tp, micro, cache_dir, reference_run, tmp_path):
+LAYOUTS = [  # (dp, tp, pp, extra overrides)
+    (2, 1, 1, []),
+    (1, 2, 1, []),
+    (2, 2, 1, []),
+    (2, 1, 1, ["train.micro_batch_size=2"]),  # gradient accumulation over 2 micro-batches per rank
+    (1, 1, 1, ["train.micro_batch_size=1"]),
+    (1, 1, 2, ["distributed.pp_schedule=gpipe", "distributed.num_microbatches=4"]),
+    (1, 1, 2, ["distributed.pp_schedule=zb1p", "distributed.num_microbatches=2"]),
+    (
+        1,
+        1,
+        2,
+        [
+            "distributed.pp_schedule=interleaved_1f1b",
+            "distributed.virtual_stages=2",
+            "train.micro_batch_size=2",
+        ],
+    ),
+    (2, 2, 2, ["distributed.pp_schedule=1f1b", "train.micro_batch_size=2"]),  # 3D: 8 processes
+]
+
+
+@pytest.mark.parametrize("dp,tp,pp,extra", LAYOUTS, ids=lambda x: str(x))
+def test_loss_curve_does_not_depend_on_layout(dp, tp, pp, extra, cache_dir, reference_run, tmp_path):
     reference_dir, run_dir = reference_run, tmp_path / "run"
-    args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={run_dir}", f"distributed.dp={dp}"]
-    if micro is not None:  # gradient accumulation over global_batch_size / (dp * micro) micro-batches
-        args.append(f"train.micro_batch_size={micro}")
-    run = run_cli([*args, f"distributed.tp={tp}"], dp * tp)
+    args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={run_dir}", f"distributed.dp={dp}", *extra]
+    run = run_cli([*args, f"distributed.tp={tp}", f"distributed.pp={pp}"], dp * tp * pp)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     expected = [m for m in read_metrics(reference_dir) if "split" not in m]
     got = [m for m in read_metrics(run_dir) if "split" not in m]
@@ -144,6 +164,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
         ("model.vocab_size=300", ["model.vocab_size=300", "token id"]),
         ("distributed.dp=2", ["dp*tp*pp", "world size 1"]),
         ("distributed.zero_stage=2", ["distributed.zero_stage=2", "not supported yet"]),
+        ("distributed.num_microbatches=3", ["distributed.num_microbatches=3", "does not divide"]),
     ],
 )
 def test_bad_input_is_a_one_line_error(override, fragments, cache_dir, tmp_path):
@@ -172,3 +193,5 @@ def test_world_size_mismatch_and_indivisible_heads_fail_fast_under_torchrun(cach
     )
     result = run_cli([*common, "distributed.tp=2", "model.num_heads=3"], nproc=2, timeout=120)
     _assert_one_line_error(result, "model.num_heads=3 is not divisible by tp=2")
+    result = run_cli([*common, "distributed.pp=2", "model.num_layers=1"], nproc=2, timeout=120)
+    _assert_one_line_error(result, "model.num_layers=1 is too few for 2 pipeline stages")

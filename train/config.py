@@ -54,6 +54,7 @@ class DistributedConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb1p
     num_microbatches: int | None = None
     virtual_stages: int = 1
+    pp_layers: list[int] | None = None  # layers per (virtual) stage; None = balanced split
     offload_optimizer: bool = False
     activation_checkpointing: bool = False
     bucket_cap_mb: float = 25.0
@@ -150,6 +151,7 @@ RULES: dict[str, Rule] = {
     "distributed.pp_schedule": _one_of("gpipe", "1f1b", "interleaved_1f1b", "zb1p"),
     "distributed.num_microbatches": _at_least(1),
     "distributed.virtual_stages": _at_least(1),
+    "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
     "distributed.bucket_cap_mb": _POSITIVE,
     "distributed.timeout_s": _POSITIVE,
     "optim.name": _one_of("adamw", "adamw8bit"),

@@ -74,7 +74,7 @@ class RunContext:
             why = "no torchrun environment (RANK/WORLD_SIZE unset)"
             how = "single process"
         layout = f"dp={dp} tp={tp} pp={pp}"
-        if dist_cfg.dp is None and dist_cfg.tp is None and world > 1:
+        if dist_cfg.dp is None and dist_cfg.tp is None and pp == 1 and world > 1:
             layout += (
                 f" (chosen from world size {world}: data parallel; set distributed.tp to shard the model)"
             )

@@ -10,7 +10,6 @@ summation order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -20,25 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from models.config import MLAConfig
-from models.transformer import MLATransformer
-from parallel.collectives import group_size
-from parallel.data_parallel import DataParallel
+from models.transformer import MLATransformer, split_layers
 from parallel.grad_clip import clip_grad_norm_
-from parallel.tensor_parallel import full_tensor
+from parallel.topology import Topology
 from train.config import Config, ConfigError, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
+from train.runner import ModelRunner
 
 NOT_YET = {
-    "distributed.pp": (lambda c: c.distributed.pp > 1, "pipeline parallelism"),
     "distributed.zero_stage": (lambda c: c.distributed.zero_stage > 0, "ZeRO sharding"),
     "distributed.offload_optimizer": (lambda c: c.distributed.offload_optimizer, "optimizer CPU offload"),
     "distributed.sequence_parallel": (lambda c: c.distributed.sequence_parallel, "sequence parallelism"),
-    "distributed.virtual_stages": (lambda c: c.distributed.virtual_stages > 1, "interleaved pipeline stages"),
     "optim.name": (lambda c: c.optim.name != "adamw", "8-bit AdamW"),
     "train.precision": (lambda c: c.train.precision == "fp16", "fp16 with loss scaling"),
     "train.resume": (lambda c: c.train.resume != "never", "resuming from checkpoints"),
@@ -86,9 +81,11 @@ def lr_at(step: int, config: Config) -> float:
     return opt.min_lr + (opt.lr - opt.min_lr) * shape
 
 
-def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    parameters: list[torch.nn.Parameter], config: Config, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in parameters if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -99,73 +96,59 @@ def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device
     )
 
 
-def micro_batch_size(config: Config, dp: int) -> int:
-    gbs, mbs = config.train.global_batch_size, config.train.micro_batch_size
+def batch_split(config: Config, dp: int) -> tuple[int, int]:
+    """(micro_batch_size, micro-batches per step) of one dp rank, from `train.micro_batch_size` or
+    `distributed.num_microbatches` (at most one needed; they must agree when both are set)."""
+    gbs, mbs, m = (
+        config.train.global_batch_size,
+        config.train.micro_batch_size,
+        config.distributed.num_microbatches,
+    )
     if gbs % dp:
         raise ConfigError(f"train.global_batch_size={gbs}: not divisible by dp={dp}")
-    mbs = mbs or gbs // dp
-    if (gbs // dp) % mbs:
+    per_rank = gbs // dp
+    if m is not None:
+        if per_rank % m:
+            raise ConfigError(
+                f"distributed.num_microbatches={m}: does not divide the per-rank batch "
+                f"global_batch_size/dp = {per_rank}"
+            )
+        if mbs is not None and mbs * m != per_rank:
+            raise ConfigError(
+                f"train.micro_batch_size={mbs} x distributed.num_microbatches={m} != global_batch_size/dp = "
+                f"{per_rank}"
+            )
+        return per_rank // m, m
+    mbs = mbs or per_rank
+    if per_rank % mbs:
         raise ConfigError(
-            f"train.micro_batch_size={mbs}: must divide the per-rank batch global_batch_size/dp = {gbs // dp}"
+            f"train.micro_batch_size={mbs}: must divide the per-rank batch global_batch_size/dp = {per_rank}"
         )
-    return mbs
+    return mbs, per_rank // mbs
 
 
-def autocast(config: Config, device: torch.device):
-    if config.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> dict[int, MLATransformer]:
+    """This rank's model chunks, keyed by (virtual) pipeline stage: {0: whole model} without pipeline."""
+    v = config.distributed.virtual_stages
+    specs = split_layers(mcfg.num_layers, topology.pp_size * v, config.distributed.pp_layers)
+    chunks = {}
+    for c in range(v):
+        stage = c * topology.pp_size + topology.pp_rank
+        torch.manual_seed(config.train.seed)
+        chunk = MLATransformer(mcfg, topology, specs[stage]).to(topology.device)
+        chunk.set_activation_checkpointing(config.distributed.activation_checkpointing)
+        chunks[stage] = chunk
+    return chunks
 
 
-@torch.no_grad()
-def evaluate(
-    model: MLATransformer, windows: np.ndarray, mbs: int, context: RunContext, config: Config
-) -> float:
-    """Mean next-token loss over the validation windows, split over the dp ranks."""
-    topo = context.topology
-    model.eval()
-    mine = np.array_split(windows, topo.dp_size)[topo.dp_rank]
-    totals = torch.zeros(2, dtype=torch.float64, device=context.device)
-    for start in range(0, len(mine), mbs):
-        chunk = torch.from_numpy(mine[start : start + mbs]).to(context.device)
-        with autocast(config, context.device):
-            loss_sum = model.loss(chunk[:, :-1], chunk[:, 1:], reduction="sum")
-        totals += torch.stack([loss_sum.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64)])
-    if group_size(topo.dp_group) > 1:
-        dist.all_reduce(totals, group=topo.dp_group)
-    model.train()
-    return (totals[0] / totals[1]).item()
-
-
-@torch.no_grad()
-def generate(
-    model: MLATransformer, prompt_ids: list[int], new_tokens: int, device: torch.device, seed: int
-) -> list[int]:
-    """Sample with temperature 0.8 and top-k 40, recomputing the full prefix each token (no cache).
-
-    Every rank draws from the same generator and sees the same gathered logits, so all agree.
-    """
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    ids = list(prompt_ids)
-    for _ in range(new_tokens):
-        context_ids = torch.tensor([ids[-model.config.max_seq_len :]], device=device)
-        logits = model(context_ids, gather_output=True)[0, -1].float().cpu() / 0.8
-        top = torch.topk(logits, k=min(40, logits.numel()))
-        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-        ids.append(int(top.indices[choice]))
-    model.train()
-    return ids
-
-
-def save_final_weights(model: MLATransformer, out_dir: Path, context: RunContext) -> Path:
-    """Full (TP-gathered) weights as `final/model.safetensors` + `final/config.json`, written by rank 0."""
-    tensors = {name: full_tensor(p, model.group).cpu().contiguous() for name, p in model.named_parameters()}
+def save_final_weights(runner: ModelRunner, mcfg: MLAConfig, out_dir: Path, context: RunContext) -> Path:
+    """Full weights as `final/model.safetensors` + `final/config.json`, written by global rank 0."""
+    tensors = runner.full_state_dict()
     folder = out_dir / "final"
     if context.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
     return folder
 
 
@@ -202,17 +185,24 @@ def _train(config: Config, context: RunContext) -> dict:
         log=context.log,
     )
     mcfg = model_config(config, dataset)
-    mbs = micro_batch_size(config, topo.dp_size)
-    accumulation = tc.global_batch_size // topo.dp_size // mbs
+    mbs, num_micro = batch_split(config, topo.dp_size)
     seq_len = config.data.seq_len
     sampler = BatchSampler(dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
     val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size)
 
-    torch.manual_seed(tc.seed)
-    model = MLATransformer(mcfg, topo).to(device)
-    model.set_activation_checkpointing(config.distributed.activation_checkpointing)
-    wrapped = DataParallel(model, topo.dp_group, config.distributed.bucket_cap_mb)
-    optimizer = build_optimizer(model, config, device)
+    chunks = build_model(config, mcfg, topo)
+    runner = ModelRunner(
+        chunks,
+        topo,
+        micro_batch_size=mbs,
+        num_microbatches=num_micro,
+        seq_len=seq_len,
+        precision=tc.precision,
+        pp_schedule=config.distributed.pp_schedule,
+        virtual_stages=config.distributed.virtual_stages,
+        bucket_cap_mb=config.distributed.bucket_cap_mb,
+    )
+    optimizer = build_optimizer(list(runner.parameters()), config, device)
 
     out_dir = Path(tc.out_dir)
     resolved = replace(
@@ -228,7 +218,12 @@ def _train(config: Config, context: RunContext) -> dict:
     context.log(
         f"model: {mcfg.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
         f"{mcfg.num_layers} layers; batch {tc.global_batch_size} x {seq_len} tokens = "
-        f"{topo.dp_size} dp x {accumulation} micro-batches x {mbs}; {tc.steps} steps"
+        f"{topo.dp_size} dp x {num_micro} micro-batches x {mbs}; {tc.steps} steps"
+        + (
+            f"; pipeline {config.distributed.pp_schedule} over {topo.pp_size} stages"
+            if topo.pp_size > 1
+            else ""
+        )
     )
 
     metrics_file = out_dir / "metrics.jsonl"
@@ -243,7 +238,7 @@ def _train(config: Config, context: RunContext) -> dict:
     last_log_step = 0
     loss_sum = torch.zeros((), device=device)
     history, val_history = [], []
-    initial = evaluate(model, val_windows, mbs, context, config)
+    initial = runner.evaluate(val_windows)
     val_history.append({"step": 0, "split": "val", "loss": initial, "perplexity": math.exp(min(initial, 50))})
     record(val_history[0])
     context.log(
@@ -256,24 +251,14 @@ def _train(config: Config, context: RunContext) -> dict:
             group["lr"] = lr
         batch = torch.from_numpy(sampler.local_batch(step, topo.dp_rank, topo.dp_size))
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-        step_loss = torch.zeros((), device=device)
-        for i, micro in enumerate(batch.split(mbs)):
-            last = i == accumulation - 1
-            with contextlib.nullcontext() if last else wrapped.no_sync(), autocast(config, device):
-                loss = model.loss(micro[:, :-1], micro[:, 1:]) / accumulation
-                loss.backward()
-            step_loss += loss.detach().float()
-        grad_norm = clip_grad_norm_(model.parameters(), tc.grad_clip, topo.tp_group)
+        loss_sum += runner.train_step(batch)
+        grad_norm = clip_grad_norm_(runner.parameters(), tc.grad_clip, topo.tp_group, topo.pp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
-        loss_sum += step_loss
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
-            if group_size(topo.dp_group) > 1:
-                dist.all_reduce(loss_sum, group=topo.dp_group)
-                loss_sum /= topo.dp_size
-            mean_loss = loss_sum.item() / (done - last_log_step)
+            mean_loss = runner.reduce_loss(loss_sum).item() / (done - last_log_step)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (done - last_log_step) / (now - last_log_time)
             elapsed = now - start
@@ -298,7 +283,7 @@ def _train(config: Config, context: RunContext) -> dict:
             last_log_step, last_log_time = done, time.perf_counter()
         if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
             eval_start = time.perf_counter()
-            val_loss = evaluate(model, val_windows, mbs, context, config)
+            val_loss = runner.evaluate(val_windows)
             entry = {
                 "step": done,
                 "split": "val",
@@ -310,12 +295,12 @@ def _train(config: Config, context: RunContext) -> dict:
             context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
             last_log_time += time.perf_counter() - eval_start
 
-    final_dir = save_final_weights(model, out_dir, context)
+    final_dir = save_final_weights(runner, mcfg, out_dir, context)
     context.log(f"saved final weights to {final_dir}")
     sample = None
     if tc.sample_tokens:
         prompt = dataset.tokenizer.encode(tc.sample_prompt).ids or [dataset.eot_id]
-        ids = generate(model, prompt, tc.sample_tokens, device, tc.seed)
+        ids = runner.generate(prompt, tc.sample_tokens, tc.seed)
         sample = dataset.tokenizer.decode(ids)
         context.log("sample: " + json.dumps(sample))
     context.barrier()

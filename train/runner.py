@@ -1,0 +1,199 @@
+"""ModelRunner: this rank's model — the whole model, or its pipeline chunks — and how to run it.
+
+Without pipeline parallelism a training step runs the micro-batches one after the other, all but the
+last inside `no_sync()`, so the data-parallel all-reduce overlaps the last backward. With pipeline
+parallelism the `PipelineExecutor` runs the configured schedule inside `no_sync()` of every chunk and
+the gradients are averaged over dp once afterwards. Either way a step returns this rank's share of the
+global-batch mean loss (`reduce_loss` combines the shares), and evaluation, sampling and the full
+weights work the same for every layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.transformer import MLATransformer
+from parallel.collectives import group_size
+from parallel.data_parallel import DataParallel
+from parallel.pipeline import PipelineExecutor
+from parallel.tensor_parallel import full_tensor
+from parallel.topology import Topology
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        chunks: dict[int, MLATransformer],
+        topology: Topology,
+        *,
+        micro_batch_size: int,
+        num_microbatches: int,
+        seq_len: int,
+        precision: str,
+        pp_schedule: str = "1f1b",
+        virtual_stages: int = 1,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
+        self.topology = topology
+        self.chunks = chunks
+        self.wrapped = {s: DataParallel(c, topology.dp_group, bucket_cap_mb) for s, c in chunks.items()}
+        self.mbs, self.m, self.seq_len = micro_batch_size, num_microbatches, seq_len
+        self.precision = precision
+        self.config = next(iter(chunks.values())).config
+        self.pipelined = topology.pp_size > 1 or len(chunks) > 1
+        self.executor = None
+        if self.pipelined:
+            self.executor = PipelineExecutor(chunks, topology, pp_schedule, num_microbatches, virtual_stages)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        for chunk in self.chunks.values():
+            yield from chunk.parameters()
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.topology.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _activation_shape(self, batch: int, seq: int) -> tuple[int, int, int]:
+        return (batch, seq, self.config.hidden_size)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this rank's slice of the global batch, (rows, seq_len + 1) tokens.
+
+        Leaves dp-averaged gradients in `.grad` and returns this rank's loss share (the mean over its
+        micro-batches; zero on pipeline stages other than the last)."""
+        micro = list(batch.split(self.mbs))
+        if not self.pipelined:
+            (model,) = self.chunks.values()
+            (wrapped,) = self.wrapped.values()
+            total = torch.zeros((), device=batch.device)
+            for i, mb in enumerate(micro):
+                sync = contextlib.nullcontext() if i == len(micro) - 1 else wrapped.no_sync()
+                with sync, self.autocast():
+                    loss = model.loss(mb[:, :-1], mb[:, 1:]) / len(micro)
+                    loss.backward()
+                total += loss.detach().float()
+            return total
+        with contextlib.ExitStack() as stack:
+            for wrapped in self.wrapped.values():
+                stack.enter_context(wrapped.no_sync())
+            stack.enter_context(self.autocast())
+            total = self.executor.step(
+                [mb[:, :-1] for mb in micro],
+                [mb[:, 1:] for mb in micro],
+                self._activation_shape(self.mbs, self.seq_len),
+                torch.float32,
+                loss_scale=1.0 / len(micro),
+            )
+        for wrapped in self.wrapped.values():
+            wrapped.all_reduce_gradients()
+        return total
+
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Sum the pipeline stages' shares (only the last is non-zero), then average over dp."""
+        loss = loss.clone()
+        if group_size(self.topology.pp_group) > 1:
+            dist.all_reduce(loss, group=self.topology.pp_group)
+        if group_size(self.topology.dp_group) > 1:
+            dist.all_reduce(loss, group=self.topology.dp_group)
+            loss /= self.topology.dp_size
+        return loss
+
+    # ------------------------------------------------------------------ evaluation and sampling
+
+    def _train_mode(self, mode: bool) -> None:
+        for chunk in self.chunks.values():
+            chunk.train(mode)
+
+    @torch.no_grad()
+    def evaluate(self, windows: np.ndarray) -> float:
+        """Mean next-token loss over the validation windows, split over the dp ranks."""
+        topo = self.topology
+        self._train_mode(False)
+        mine = np.array_split(windows, topo.dp_size)[topo.dp_rank]
+        totals = torch.zeros(2, dtype=torch.float64, device=topo.device)
+        batches = [
+            torch.from_numpy(mine[i : i + self.mbs]).to(topo.device) for i in range(0, len(mine), self.mbs)
+        ]
+
+        def add(batch: torch.Tensor, chunk: MLATransformer, x: torch.Tensor) -> None:
+            targets = batch[:, 1:]
+            loss_sum = chunk.loss(x, targets, reduction="sum").double()
+            totals.add_(torch.stack([loss_sum, torch.tensor(float(targets.numel()), dtype=torch.float64)]))
+
+        with self.autocast():
+            if self.pipelined:  # full batches in one pass, a smaller last batch in another
+                for same in (
+                    [b for b in batches if len(b) == self.mbs],
+                    [b for b in batches if len(b) < self.mbs],
+                ):
+                    if same:
+                        self.executor.forward_only(
+                            [b[:, :-1] for b in same],
+                            self._activation_shape(len(same[0]), self.seq_len),
+                            torch.float32,
+                            lambda i, chunk, x, same=same: add(same[i], chunk, x),
+                        )
+            else:
+                (model,) = self.chunks.values()
+                for b in batches:
+                    add(b, model, b[:, :-1])
+        for group in (topo.pp_group, topo.dp_group):
+            if group_size(group) > 1:
+                dist.all_reduce(totals, group=group)
+        self._train_mode(True)
+        return (totals[0] / totals[1]).item()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], new_tokens: int, seed: int) -> list[int]:
+        """Sample with temperature 0.8 and top-k 40, recomputing the whole prefix for each token.
+
+        Every rank of a TP group sees the same gathered logits and draws from the same generator; under
+        pipeline parallelism the last stage samples and broadcasts the token to the other stages."""
+        topo = self.topology
+        self._train_mode(False)
+        generator = torch.Generator().manual_seed(seed)
+        ids = list(prompt_ids)
+        token = torch.zeros(1, dtype=torch.long, device=topo.device)
+
+        def sample(i: int, chunk: MLATransformer, x: torch.Tensor) -> None:
+            logits = chunk(x, gather_output=True)[0, -1].float().cpu() / 0.8
+            top = torch.topk(logits, k=min(40, logits.numel()))
+            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+            token.fill_(int(top.indices[choice]))
+
+        for _ in range(new_tokens):
+            context = torch.tensor([ids[-self.config.max_seq_len :]], device=topo.device)
+            with self.autocast():
+                if self.pipelined:
+                    self.executor.forward_only(
+                        [context], self._activation_shape(1, context.shape[1]), torch.float32, sample
+                    )
+                    dist.broadcast(token, src=topo.pp_ranks[-1], group=topo.pp_group)
+                else:
+                    (model,) = self.chunks.values()
+                    sample(0, model, context)
+            ids.append(int(token))
+        self._train_mode(True)
+        return ids
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter in full (TP-gathered, all pipeline stages), on CPU; complete on global rank 0."""
+        topo = self.topology
+        local = {
+            name: full_tensor(p, topo.tp_group).cpu().contiguous()
+            for chunk in self.chunks.values()
+            for name, p in chunk.named_parameters()
+        }
+        if group_size(topo.pp_group) == 1:
+            return local
+        parts = [None] * topo.pp_size
+        dist.all_gather_object(parts, local, group=topo.pp_group)
+        return {name: t for part in parts for name, t in part.items()}
