@@ -35,13 +35,18 @@ WORLD_TIMEOUT_S = 300
 
 
 def parse_args(name: str, description: str) -> argparse.Namespace:
-    """`--quick` (a smoke run, well under a minute) and `--json OUT` (default results/<name>.json)."""
+    """`--quick` (a smoke run, well under a minute) and `--json OUT`.
+
+    The default output is benchmarks/results/<name>.json, or <name>_quick.json for a smoke run, so that
+    a smoke run never overwrites the figures of a full one.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
-    parser.add_argument(
-        "--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="where to write the results"
-    )
-    return parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    args = parser.parse_args()
+    if args.json is None:
+        args.json = RESULTS_DIR / (f"{name}_quick.json" if args.quick else f"{name}.json")
+    return args
 
 
 def free_port() -> int:

@@ -208,7 +208,7 @@ def main() -> None:
         "ours/DDP (paired)",
         "ours/DDP (medians)",
         "ours/DDP (min)",
-        "max |grad diff|",
+        "max abs grad diff",
     ]
     print(markdown_table(headers, rows))
     for v in result["variants"]:

@@ -7,7 +7,9 @@ on an input x of shape (batch, seq, hidden) that needs a gradient (a block in th
    full, unsplit copy of the same block on the same input, so both cores are busy in both cases),
    interleaved round by round and timed between barriers; medians, and the speed-up tp1/tp2 (ideal 2)
    as the median of the per-round ratios (robust to the drift of this shared machine), as the ratio of
-   medians and as the ratio of minimums (noise from other users only ever adds time).
+   medians and as the ratio of minimums (noise from other users only ever adds time). A third step
+   in each round replays the tp=2 block's all-reduces alone (same sizes, no compute): the part of the
+   tp=2 time that is pure communication, since nothing here overlaps it with compute.
 2. The collectives of one forward + backward at tp=2, counted by wrapping `torch.distributed.all_reduce`
    (and all_gather / reduce_scatter / broadcast, which should not occur) for that one step: calls and
    payload bytes per phase, against two lower bounds, with T = batch * seq tokens and 4-byte floats:
@@ -207,10 +209,13 @@ def bench_one(config: MLAConfig, group, rank: int, world: int, shape, warmup: in
     dx_diff = (dx_split - dx_full).abs().max().item()
     assert out_diff <= MATCH_TOLERANCE and dx_diff <= MATCH_TOLERANCE, (out_diff, dx_diff)
 
+    assert all(c["op"] == "all_reduce" for c in log.calls), "expected only all-reduces without SP"
+    buffers = [torch.zeros(c["shape"]) for c in log.calls]
     times = interleaved_times(
         {
             "tp2": lambda: forward_backward(split, x, positions, grad_out),
             "tp1": lambda: forward_backward(full, x, positions, grad_out),
+            "comm": lambda: [dist.all_reduce(b, group=group) for b in buffers],
         },
         warmup,
         repeats,
@@ -225,6 +230,7 @@ def bench_one(config: MLAConfig, group, rank: int, world: int, shape, warmup: in
         "max_abs_diff_input_grad": dx_diff,
         "tp1": summary(times["tp1"]),
         "tp2": summary(times["tp2"]),
+        "comm_alone": summary(times["comm"]),
         "speedup_of_medians": statistics.median(times["tp1"]) / statistics.median(times["tp2"]),
         "speedup_paired": paired_ratio(times["tp1"], times["tp2"]),
         "calls": log.calls,
@@ -270,6 +276,7 @@ def main() -> None:
                 "x".join(map(str, r["shape"])),
                 r["tp1"]["median_ms"],
                 r["tp2"]["median_ms"],
+                r["comm_alone"]["median_ms"],
                 f"{r['speedup_of_medians']:.2f}",
                 f"{r['speedup_paired']:.2f}",
                 f"{r['tp1']['min_ms'] / r['tp2']['min_ms']:.2f}",
@@ -282,11 +289,12 @@ def main() -> None:
         "x shape",
         "tp=1 ms",
         f"tp={p} ms",
+        "its all-reduces alone ms",
         "speed-up (medians)",
         "speed-up (paired)",
         "speed-up (min)",
         "efficiency (paired)",
-        "max |diff| vs tp=1",
+        "max abs diff vs tp=1",
     ]
     print(markdown_table(headers, rows))
 
