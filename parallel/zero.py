@@ -1,0 +1,355 @@
+"""ZeRO: optimizer state, fp32 master weights and gradients sharded over the data-parallel group.
+
+Parameters are packed, per parameter group, into flat buckets (about `bucket_cap_mb` each, parameters in
+reverse registration order, the order backward produces them). Each bucket is padded to a multiple of
+the dp size N and cut into N equal chunks; rank r owns chunk r of every bucket. For every owned chunk the
+rank keeps an fp32 master copy of the weights and the inner optimizer's state, so with Adam (K = 12 bytes
+of master + moments per parameter) the optimizer memory per rank falls from 12 P to 12 P / N.
+
+    stage 0  nothing sharded: fp32 master weights and gradient accumulation for 16-bit models (DDP-like)
+    stage 1  state + master sharded; gradients all-reduced, each rank updates its chunks, then the
+             updated parameters are all-gathered
+    stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
+             the full bucket is freed right after (no full gradient kept between steps)
+
+Gradients are accumulated in fp32: a hook adds each parameter's gradient (16- or 32-bit) into the fp32
+bucket as soon as autograd has produced it and frees it; a bucket whose parameters are all done is
+reduced asynchronously while backward carries on (stage 1: all-reduce, stage 2: reduce-scatter), unless
+inside `no_sync()`. `sync_gradients()` reduces everything explicitly (the pipeline executor's path).
+
+With `offload=True` the master weights, their gradients and the optimizer state live in (pinned) CPU
+memory and the inner optimizer steps on the CPU; gradient shards go down and updated weights come up.
+On a CPU-only machine the same code runs with host-to-host copies.
+
+The result is that of the inner optimizer applied to the full, dp-averaged gradient: element-wise
+optimizers (SGD, Adam, AdamW, AdamW8bit with blocks inside each shard) give the same parameters as the
+unsharded optimizer. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.collectives import group_rank, group_size
+from parallel.tensor_parallel import tp_dim
+
+ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSprop")
+
+
+class _Bucket:
+    """Flat fp32 gradient accumulator for a run of parameters of one group, and this rank's chunk."""
+
+    def __init__(self, params: list[nn.Parameter], group_index: int, world: int, rank: int) -> None:
+        self.params = params
+        self.group_index = group_index
+        self.tp_sharded = tp_dim(params[0]) is not None
+        self.device, self.dtype = params[0].device, params[0].dtype
+        self.master_dtype = torch.promote_types(self.dtype, torch.float32)  # fp32, or fp64 for fp64 models
+        self.offsets, offset = {}, 0
+        for p in params:
+            self.offsets[p] = offset
+            offset += p.numel()
+        self.numel = offset
+        self.padded = -(-offset // world) * world
+        self.chunk = self.padded // world
+        self.start = rank * self.chunk
+        self.grad: torch.Tensor | None = None  # full fp32 accumulator, allocated on first use
+        self.shard: torch.Tensor | None = None  # reduce-scatter output (NCCL, stage 2)
+        self.pending = len(params)
+        self.handle: dist.Work | None = None
+        self.folded: set[nn.Parameter] = set()
+
+    def flat_params(self) -> torch.Tensor:
+        flat = torch.zeros(self.padded, dtype=self.master_dtype, device=self.device)
+        for p in self.params:
+            flat[self.offsets[p] : self.offsets[p] + p.numel()].copy_(p.detach().reshape(-1))
+        return flat
+
+    def grad_buffer(self) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros(self.padded, dtype=self.master_dtype, device=self.device)
+        return self.grad
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Shard `optimizer_cls` (any element-wise torch optimizer) over the dp `group` (ZeRO stage 0-2).
+
+    Use it instead of `DataParallel`: it reduces the gradients itself. `param_groups` are those of an
+    ordinary optimizer (LR schedulers work); their hyper-parameters are passed to the inner optimizer at
+    every step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        optimizer_cls: type[torch.optim.Optimizer],
+        stage: int = 1,
+        group: dist.ProcessGroup | None = None,
+        offload: bool = False,
+        bucket_cap_mb: float = 25.0,
+        **optimizer_kwargs,
+    ) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(
+                f"distributed.zero_stage={stage!r}: expected 0, 1 or 2 here (stage 3 shards parameters: "
+                "use parallel.zero3)"
+            )
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer_cls={optimizer_cls!r}: expected a torch.optim.Optimizer subclass")
+        if optimizer_cls.__name__ not in ELEMENTWISE_OPTIMIZERS:
+            raise ValueError(
+                f"optimizer {optimizer_cls.__name__} cannot be sharded by ZeRO: its update is not "
+                f"element-wise (supported: {', '.join(ELEMENTWISE_OPTIMIZERS)})"
+            )
+        super().__init__(params, defaults=optimizer_kwargs)
+        self.stage, self.group, self.offload = stage, group, offload
+        self.world, self.rank = group_size(group), group_rank(group)
+        self.sync_enabled = True
+        self._callback_queued = False
+        self._next_to_launch = 0
+        self.buckets = self._build_buckets(bucket_cap_mb)
+        self.bucket_of = {p: b for b in self.buckets for p in b.params}
+
+        master_device = torch.device("cpu") if offload else None
+        pin = offload and torch.cuda.is_available()
+        self.masters: list[torch.Tensor] = []
+        for bucket in self.buckets:
+            chunk = bucket.flat_params()[bucket.start : bucket.start + bucket.chunk]
+            master = chunk.to(master_device or bucket.device).clone()
+            master = master.pin_memory() if pin else master
+            master.grad = torch.zeros_like(master)
+            self.masters.append(master)
+        inner_groups = []
+        for index, group_ in enumerate(self.param_groups):
+            hyper = {k: v for k, v in group_.items() if k != "params"}
+            masters = [m for m, b in zip(self.masters, self.buckets, strict=True) if b.group_index == index]
+            inner_groups.append({"params": masters, **hyper})
+        self.inner = optimizer_cls(inner_groups, **optimizer_kwargs)
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _build_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
+        cap = int(bucket_cap_mb * 2**20 / 4)
+        buckets = []
+        for index, group_ in enumerate(self.param_groups):
+            params = [p for p in group_["params"] if p.requires_grad]
+            current: list[nn.Parameter] = []
+            for p in reversed(params):
+                same = not current or (
+                    (tp_dim(current[0]) is None) == (tp_dim(p) is None)
+                    and current[0].dtype == p.dtype
+                    and current[0].device == p.device
+                )
+                if current and (not same or sum(q.numel() for q in current) >= cap):
+                    buckets.append(_Bucket(current, index, self.world, self.rank))
+                    current = []
+                current.append(p)
+            if current:
+                buckets.append(_Bucket(current, index, self.world, self.rank))
+        return buckets
+
+    # ------------------------------------------------------------------ gradient reduction
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (fp32); the first backward outside the block reduces them."""
+        previous, self.sync_enabled = self.sync_enabled, False
+        try:
+            yield
+        finally:
+            self.sync_enabled = previous
+
+    def _fold(self, p: nn.Parameter) -> None:
+        bucket = self.bucket_of[p]
+        if p.grad is not None:
+            offset = bucket.offsets[p]
+            bucket.grad_buffer()[offset : offset + p.numel()].add_(p.grad.reshape(-1))
+            p.grad = None
+        bucket.folded.add(p)
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        self._fold(p)
+        if not self.sync_enabled:
+            return
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_reduction)
+            self._callback_queued = True
+        bucket = self.bucket_of[p]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_to_launch < len(self.buckets) and self.buckets[self._next_to_launch].pending == 0:
+            bucket = self.buckets[self._next_to_launch]
+            grad = bucket.grad_buffer()
+            if self.world > 1:
+                grad.div_(self.world)
+                if self.stage >= 2 and dist.get_backend(self.group) != "gloo":
+                    bucket.shard = torch.empty(bucket.chunk, dtype=grad.dtype, device=grad.device)
+                    bucket.handle = dist.reduce_scatter_tensor(
+                        bucket.shard, grad, group=self.group, async_op=True
+                    )
+                else:  # stage 1, or gloo (no reduce-scatter): all-reduce and keep the chunk (same result)
+                    bucket.handle = dist.all_reduce(grad, group=self.group, async_op=True)
+            self._next_to_launch += 1
+
+    def _finish_reduction(self) -> None:
+        for bucket in self.buckets:
+            bucket.pending = 0  # parameters that got no gradient this step contribute zeros
+        self._launch_ready()
+        for bucket, master in zip(self.buckets, self.masters, strict=True):
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+            chunk = (
+                bucket.shard
+                if bucket.shard is not None
+                else bucket.grad[bucket.start : bucket.start + bucket.chunk]
+            )
+            master.grad.add_(chunk.to(master.device, non_blocking=True))
+            bucket.shard = None
+            if self.stage >= 2:
+                bucket.grad = None  # free the full bucket: only the owner's shard is kept
+            else:
+                bucket.grad.zero_()
+            bucket.pending = len(bucket.params)
+            bucket.folded.clear()
+        self._next_to_launch = 0
+        self._callback_queued = False
+
+    def sync_gradients(self) -> None:
+        """Reduce everything now: for callers that ran every backward inside `no_sync()` (pipelines)."""
+        for bucket in self.buckets:
+            for p in bucket.params:
+                if p not in bucket.folded or p.grad is not None:
+                    self._fold(p)
+            bucket.pending = 0
+        self._finish_reduction()
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def grad_norm(
+        self, tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None
+    ) -> torch.Tensor:
+        """Global L2 norm of the reduced gradient: shards summed over dp, TP-sharded parameters summed
+        over tp (replicated ones counted once), stages summed over pp."""
+        sharded = torch.zeros((), dtype=torch.float64)
+        replicated = torch.zeros((), dtype=torch.float64)
+        for bucket, master in zip(self.buckets, self.masters, strict=True):
+            sq = master.grad.double().pow(2).sum().cpu()
+            if bucket.tp_sharded:
+                sharded += sq
+            else:
+                replicated += sq
+        device = self.buckets[0].device if self.buckets else torch.device("cpu")
+        both = torch.stack([sharded, replicated]).to(device)
+        if self.world > 1:
+            dist.all_reduce(both, group=self.group)
+        if group_size(tp_group) > 1:
+            dist.all_reduce(both[0:1], group=tp_group)
+        total = both.sum()
+        if group_size(pp_group) > 1:
+            dist.all_reduce(total, group=pp_group)
+        return total.sqrt().to(self.buckets[0].master_dtype if self.buckets else torch.float32)
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        tp_group: dist.ProcessGroup | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor:
+        """Scale the gradient shards so the global norm is at most `max_norm`; returns the norm before."""
+        norm = self.grad_norm(tp_group, pp_group)
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            self.scale_grads(scale)
+        return norm
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float | torch.Tensor) -> None:
+        for master in self.masters:
+            master.grad.mul_(factor.to(master.device) if torch.is_tensor(factor) else factor)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step the inner optimizer on this rank's chunks, then all-gather the updated parameters."""
+        if closure is not None:
+            raise ValueError("ZeroOptimizer.step does not take a closure")
+        for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self.inner.step()
+        for bucket, master in zip(self.buckets, self.masters, strict=True):
+            flat = torch.empty(bucket.padded, dtype=bucket.master_dtype, device=bucket.device)
+            mine = flat[bucket.start : bucket.start + bucket.chunk]
+            mine.copy_(master, non_blocking=True)
+            if self.world > 1:
+                dist.all_gather(list(flat.chunk(self.world)), mine.clone(), group=self.group)
+            for p in bucket.params:
+                offset = bucket.offsets[p]
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for master in self.masters:
+            master.grad.zero_()
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad = None
+            if bucket.grad is not None:
+                bucket.grad.zero_()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """This rank's shard: the inner optimizer's state (over its chunks) and the master weights."""
+        return {
+            "stage": self.stage,
+            "world": self.world,
+            "rank": self.rank,
+            "inner": self.inner.state_dict(),
+            "masters": [m.detach().clone() for m in self.masters],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["world"], state["rank"]) != (self.world, self.rank):
+            raise ValueError(
+                f"optimizer shard of rank {state['rank']}/{state['world']} cannot load into rank "
+                f"{self.rank}/{self.world}; consolidate it first"
+            )
+        self.inner.load_state_dict(state["inner"])
+        for master, saved in zip(self.masters, state["masters"], strict=True):
+            master.copy_(saved)
+        for group_, saved in zip(self.param_groups, state["param_groups"], strict=True):
+            group_.update(saved)
+
+    def consolidated_state_dict(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Per parameter (by position in `param_groups`), its full optimizer state tensors, gathered from
+        every rank: {index: {state name: tensor shaped like the parameter}}; returned on every rank."""
+        full: dict[int, dict[str, torch.Tensor]] = {}
+        index_of = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for bucket, master in zip(self.buckets, self.masters, strict=True):
+            state = self.inner.state.get(master, {})
+            for name, value in state.items():
+                if not torch.is_tensor(value) or value.shape != master.shape:
+                    continue
+                flat = torch.empty(bucket.padded, dtype=value.dtype, device=bucket.device)
+                mine = value.to(bucket.device)
+                if self.world > 1:
+                    dist.all_gather(list(flat.chunk(self.world)), mine.contiguous(), group=self.group)
+                else:
+                    flat.copy_(mine)
+                for p in bucket.params:
+                    offset = bucket.offsets[p]
+                    full.setdefault(index_of[p], {})[name] = (
+                        flat[offset : offset + p.numel()].view_as(p).clone()
+                    )
+        return full
