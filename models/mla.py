@@ -20,6 +20,16 @@ W_kvb).
 
 RoPE follows DeepSeek's convention: the rotated pairs are adjacent dimensions (2i, 2i+1) of the rope part,
 with frequency theta^(-2i/d_rope).
+
+Decoding with the latent cache (`forward_cached`): per token and layer the cache holds RMSNorm(c_kv) and
+RoPE(k_pe). Either the cached latents are decompressed by W_kvb at every step, or (absorbed weights) the
+up-projection moves onto the query and the output, because for head h with W_kvb = [W_UK; W_UV]:
+
+    q_nope . k_nope = q_nope . (W_UK c) = (W_UK^T q_nope) . c      (a query in latent space)
+    sum_j p_j v_j   = W_UV (sum_j p_j c_j)                          (attend over latents, then up-project)
+
+so attention runs over kv_lora_rank + d_rope dimensions with one key shared by every head (as in MQA),
+with the same softmax scale.
 """
 
 from __future__ import annotations
@@ -178,5 +188,76 @@ class MultiHeadLatentAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         )
+        out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
+        return self.o_proj(out)
+
+    @torch.no_grad()
+    def absorbed_kv_weight(self) -> torch.Tensor:
+        """This rank's W_kvb as (kv_lora_rank, local_heads, d_nope + d_v), the map c -> [k_nope, v] per head.
+
+        Read by applying `kv_b_proj` to the identity, so it is the effective weight whatever the module
+        holds (a plain, LoRA-adapted or NF4-quantized linear without bias)."""
+        rank = self.config.kv_lora_rank
+        eye = torch.eye(
+            rank, device=self.kv_a_layernorm.weight.device, dtype=self.kv_a_layernorm.weight.dtype
+        )
+        return self.kv_b_proj(eye).view(rank, self.local_heads, self.d_nope + self.d_v)
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        start: int,
+        latent_cache: torch.Tensor,
+        rope_cache: torch.Tensor,
+        kv_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention (inference only) of new tokens x (batch, s, hidden) at positions [start, start + s).
+
+        Their RMSNorm(c_kv) is written into `latent_cache` (batch, max_len, kv_lora_rank) and their
+        RoPE(k_pe) into `rope_cache` (batch, max_len, d_rope) at [start, start + s); they then attend
+        causally to every cached position [0, start + s). With `kv_weight` (from `absorbed_kv_weight`)
+        attention runs in latent space; without it the cached latents are decompressed per head.
+        """
+        b, s, _ = x.shape
+        heads, end = self.local_heads, start + s
+        positions = torch.arange(start, end, device=x.device)
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, heads, self.d_nope + self.d_rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = self.rotary(q_pe, positions)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.d_rope], dim=-1)
+        latent_cache[:, start:end] = self.kv_a_layernorm(c_kv)
+        rope_cache[:, start:end] = self.rotary(k_pe, positions)
+        latent = latent_cache[:, :end].unsqueeze(1)  # (b, 1, end, rank): shared by every head
+        k_rope = rope_cache[:, :end].unsqueeze(1)
+        # query i (position start + i) sees keys 0 .. start + i; one new token sees everything
+        mask = None
+        if s > 1:
+            mask = torch.arange(end, device=x.device) <= positions[:, None]
+
+        if kv_weight is None:
+            kv = self.kv_b_proj(latent.squeeze(1)).view(b, end, heads, self.d_nope + self.d_v).transpose(1, 2)
+            k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+            key = torch.cat([k_nope, k_rope.expand(b, heads, end, self.d_rope)], dim=-1)
+            out = F.scaled_dot_product_attention(
+                torch.cat([q_nope, q_pe], -1), key, v, attn_mask=mask, scale=self.scale
+            )
+        else:
+            w_uk, w_uv = kv_weight.split([self.d_nope, self.d_v], dim=-1)
+            q_latent = torch.einsum("bhsd,rhd->bhsr", q_nope, w_uk)
+            key = torch.cat([latent, k_rope], dim=-1).expand(b, heads, end, -1)
+            out_latent = F.scaled_dot_product_attention(
+                torch.cat([q_latent, q_pe], -1),
+                key,
+                latent.expand(b, heads, end, -1),
+                attn_mask=mask,
+                scale=self.scale,
+            )
+            out = torch.einsum("bhsr,rhd->bhsd", out_latent, w_uv)
         out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
         return self.o_proj(out)

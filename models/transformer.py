@@ -72,6 +72,22 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), positions))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        start: int,
+        latent_cache: torch.Tensor,
+        rope_cache: torch.Tensor,
+        kv_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer for new tokens at positions [start, start + s), attending through the latent cache
+        (inference; see `MultiHeadLatentAttention.forward_cached`)."""
+        attn = self.self_attn.forward_cached(
+            self.input_layernorm(x), start, latent_cache, rope_cache, kv_weight
+        )
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -209,6 +225,11 @@ class MLATransformer(nn.Module):
         hidden = self.model(inputs)
         if not self.stage.is_last:
             return hidden
+        return self.head(hidden, gather_output)
+
+    def head(self, hidden: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
+        """Logits from the final-normed hidden states (last stage): this rank's vocabulary slice with
+        padding masked to -inf, or the full vocabulary if gathered."""
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
         else:

@@ -1,5 +1,6 @@
 """Parallelism written directly on torch.distributed: topology, collectives, TP layers, data parallel."""
 
+from parallel.adam8bit import AdamW8bit
 from parallel.collectives import (
     copy_to_group,
     gather_from_group,
@@ -21,6 +22,7 @@ from parallel.tensor_parallel import (
 from parallel.topology import ParallelDims, Topology, destroy_distributed, init_distributed
 
 __all__ = [
+    "AdamW8bit",
     "ColumnParallelLinear",
     "DataParallel",
     "ParallelDims",

@@ -125,6 +125,8 @@ class DataParallel(nn.Module):
             bucket.handle.wait()
             bucket.handle = None
 
+    sync_gradients = all_reduce_gradients  # the name ZeroOptimizer uses for the same job
+
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket = self.buckets[self.bucket_of[param]]
         view = bucket.views[param]

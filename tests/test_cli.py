@@ -98,6 +98,9 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
         ],
     ),
     (2, 2, 2, ["distributed.pp_schedule=1f1b", "train.micro_batch_size=2"]),  # 3D: 8 processes
+    (2, 1, 1, ["distributed.zero_stage=1"]),
+    (2, 1, 1, ["distributed.zero_stage=2", "distributed.offload_optimizer=true", "train.micro_batch_size=2"]),
+    (1, 2, 2, ["distributed.zero_stage=2", "distributed.pp_schedule=zb1p", "train.micro_batch_size=2"]),
 ]
 
 
@@ -140,6 +143,15 @@ def test_bf16_autocast_trains_at_tp2(cache_dir, tmp_path):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_fp16_trains_with_dynamic_loss_scaling(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={out}", "train.precision=fp16"]
+    result = run_cli([*args, "train.steps=3", "model.num_layers=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [m for m in read_metrics(out) if "split" not in m]
+    assert all(math.isfinite(m["loss"]) and "loss_scale" in m and "skipped_steps" in m for m in records)
+
+
 def test_print_config_prints_and_exits(tmp_path):
     result = run_cli(["--print-config", "train.steps=7"])
     assert result.returncode == 0
@@ -163,7 +175,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
         ("data.seq_len=128", ["data.seq_len=128", "model.max_seq_len=64"]),
         ("model.vocab_size=300", ["model.vocab_size=300", "token id"]),
         ("distributed.dp=2", ["dp*tp*pp", "world size 1"]),
-        ("distributed.zero_stage=2", ["distributed.zero_stage=2", "not supported yet"]),
+        ("distributed.zero_stage=3", ["distributed.zero_stage=3", "not supported yet"]),
         ("distributed.num_microbatches=3", ["distributed.num_microbatches=3", "does not divide"]),
     ],
 )

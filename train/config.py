@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from models.config import MLAConfig
+from train.schedules import check_curriculum
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (see train/schedules.py)
+    decay_fraction: float = 0.2  # wsd: the last fraction of train.steps that decays to min_lr
 
 
 @dataclass
@@ -89,6 +91,10 @@ class TrainConfig:
     resume: str = "never"  # never | auto | a path
     sample_tokens: int = 48  # tokens generated at the end (0 disables)
     sample_prompt: str = "def "
+    curriculum_start_seq_len: int | None = None  # sequence-length warm-up from this length (null: off)
+    curriculum_steps: int = 0  # steps over which the length grows to data.seq_len
+    curriculum_constant_tokens: bool = True  # more, shorter sequences early (else fewer tokens early)
+    max_loss: float | None = None  # stop when a logged train loss is NaN/inf or above this (null: never)
 
 
 @dataclass
@@ -161,7 +167,8 @@ RULES: dict[str, Rule] = {
     "optim.eps": _POSITIVE,
     "optim.weight_decay": _at_least(0),
     "optim.warmup_steps": _at_least(0),
-    "optim.schedule": _one_of("cosine", "linear", "constant"),
+    "optim.schedule": _one_of("cosine", "linear", "constant", "wsd"),
+    "optim.decay_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"),
     "train.global_batch_size": _at_least(1),
     "train.micro_batch_size": _at_least(1),
     "train.steps": _at_least(1),
@@ -172,6 +179,9 @@ RULES: dict[str, Rule] = {
     "train.eval_batches": _at_least(1),
     "train.save_every": _at_least(0),
     "train.sample_tokens": _at_least(0),
+    "train.curriculum_start_seq_len": _at_least(1),
+    "train.curriculum_steps": _at_least(0),
+    "train.max_loss": _POSITIVE,
     "lora.r": _at_least(1),
     "lora.alpha": _POSITIVE,
     "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),
@@ -321,6 +331,13 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(
             f"train.micro_batch_size={micro!r}: expected a value <= train.global_batch_size ({batch})"
         )
+    tc = cfg.train
+    try:
+        check_curriculum(
+            tc.curriculum_start_seq_len, tc.curriculum_steps, cfg.data.seq_len, tc.curriculum_constant_tokens
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return cfg
 
 

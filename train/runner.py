@@ -23,6 +23,7 @@ from parallel.data_parallel import DataParallel
 from parallel.pipeline import PipelineExecutor
 from parallel.tensor_parallel import full_tensor
 from parallel.topology import Topology
+from parallel.zero import ZeroOptimizer
 
 
 class ModelRunner:
@@ -38,10 +39,18 @@ class ModelRunner:
         pp_schedule: str = "1f1b",
         virtual_stages: int = 1,
         bucket_cap_mb: float = 25.0,
+        grad_sync: ZeroOptimizer | None = None,
     ) -> None:
         self.topology = topology
         self.chunks = chunks
-        self.wrapped = {s: DataParallel(c, topology.dp_group, bucket_cap_mb) for s, c in chunks.items()}
+        # Who averages the gradients over dp: a ZeroOptimizer (which then owns the reduction), or one
+        # DataParallel wrapper per chunk. Both offer no_sync() and sync_gradients().
+        if grad_sync is not None:
+            self.grad_syncs = [grad_sync]
+        else:
+            self.grad_syncs = [DataParallel(c, topology.dp_group, bucket_cap_mb) for c in chunks.values()]
+        floats = (p for c in chunks.values() for p in c.parameters() if p.is_floating_point())
+        self.param_dtype = next(floats).dtype  # activations between pipeline stages have it too
         self.mbs, self.m, self.seq_len = micro_batch_size, num_microbatches, seq_len
         self.precision = precision
         self.config = next(iter(chunks.values())).config
@@ -55,46 +64,55 @@ class ModelRunner:
             yield from chunk.parameters()
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.topology.device.type, dtype=torch.bfloat16)
+        """bf16/fp16 matmuls; with 16-bit parameters (ZeRO mixed precision) the model is 16-bit anyway."""
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.topology.device.type, dtype=dtype)
         return contextlib.nullcontext()
+
+    def _no_sync(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for sync in self.grad_syncs:
+            stack.enter_context(sync.no_sync())
+        return stack
 
     def _activation_shape(self, batch: int, seq: int) -> tuple[int, int, int]:
         return (batch, seq, self.config.hidden_size)
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
+    def train_step(self, batch: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of this rank's slice of the global batch, (rows, seq_len + 1) tokens.
 
         Leaves dp-averaged gradients in `.grad` and returns this rank's loss share (the mean over its
-        micro-batches; zero on pipeline stages other than the last)."""
-        micro = list(batch.split(self.mbs))
+        micro-batches; zero on pipeline stages other than the last). Gradients are those of the loss
+        times `loss_scale` (fp16 loss scaling); the returned loss is unscaled."""
+        # Always `num_microbatches` equal micro-batches: under a sequence-length curriculum a step may
+        # bring L / L_k times more rows of length L_k (tokens per micro-batch unchanged).
+        if batch.shape[0] % self.m:
+            raise ValueError(f"batch of {batch.shape[0]} rows does not split into {self.m} micro-batches")
+        micro = list(batch.split(batch.shape[0] // self.m))
         if not self.pipelined:
             (model,) = self.chunks.values()
-            (wrapped,) = self.wrapped.values()
             total = torch.zeros((), device=batch.device)
             for i, mb in enumerate(micro):
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else wrapped.no_sync()
+                sync = contextlib.nullcontext() if i == len(micro) - 1 else self._no_sync()
                 with sync, self.autocast():
                     loss = model.loss(mb[:, :-1], mb[:, 1:]) / len(micro)
-                    loss.backward()
+                    (loss * loss_scale).backward()
                 total += loss.detach().float()
             return total
-        with contextlib.ExitStack() as stack:
-            for wrapped in self.wrapped.values():
-                stack.enter_context(wrapped.no_sync())
-            stack.enter_context(self.autocast())
+        with self._no_sync(), self.autocast():
             total = self.executor.step(
                 [mb[:, :-1] for mb in micro],
                 [mb[:, 1:] for mb in micro],
-                self._activation_shape(self.mbs, self.seq_len),
-                torch.float32,
-                loss_scale=1.0 / len(micro),
+                self._activation_shape(micro[0].shape[0], micro[0].shape[1] - 1),
+                self.param_dtype,
+                loss_scale=loss_scale / len(micro),
             )
-        for wrapped in self.wrapped.values():
-            wrapped.all_reduce_gradients()
-        return total
+        for sync in self.grad_syncs:
+            sync.sync_gradients()
+        return total / loss_scale
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Sum the pipeline stages' shares (only the last is non-zero), then average over dp."""
@@ -138,7 +156,7 @@ class ModelRunner:
                         self.executor.forward_only(
                             [b[:, :-1] for b in same],
                             self._activation_shape(len(same[0]), self.seq_len),
-                            torch.float32,
+                            self.param_dtype,
                             lambda i, chunk, x, same=same: add(same[i], chunk, x),
                         )
             else:
@@ -174,7 +192,7 @@ class ModelRunner:
             with self.autocast():
                 if self.pipelined:
                     self.executor.forward_only(
-                        [context], self._activation_shape(1, context.shape[1]), torch.float32, sample
+                        [context], self._activation_shape(1, context.shape[1]), self.param_dtype, sample
                     )
                     dist.broadcast(token, src=topo.pp_ranks[-1], group=topo.pp_group)
                 else:

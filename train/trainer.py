@@ -22,24 +22,25 @@ import torch
 from safetensors.torch import save_file
 
 from models.config import MLAConfig
+from models.deepseek import full_state, load_pretrained, read_config
 from models.transformer import MLATransformer, split_layers
+from parallel.adam8bit import AdamW8bit
 from parallel.grad_clip import clip_grad_norm_
+from parallel.lora import apply_lora, save_adapter
+from parallel.loss_scaler import DynamicLossScaler
 from parallel.topology import Topology
+from parallel.zero import ZeroOptimizer
 from train.config import Config, ConfigError, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
 from train.runner import ModelRunner
+from train.schedules import curriculum_at, learning_rate
 
 NOT_YET = {
-    "distributed.zero_stage": (lambda c: c.distributed.zero_stage > 0, "ZeRO sharding"),
-    "distributed.offload_optimizer": (lambda c: c.distributed.offload_optimizer, "optimizer CPU offload"),
+    "distributed.zero_stage": (lambda c: c.distributed.zero_stage == 3, "ZeRO stage 3 (parameter sharding)"),
     "distributed.sequence_parallel": (lambda c: c.distributed.sequence_parallel, "sequence parallelism"),
-    "optim.name": (lambda c: c.optim.name != "adamw", "8-bit AdamW"),
-    "train.precision": (lambda c: c.train.precision == "fp16", "fp16 with loss scaling"),
     "train.resume": (lambda c: c.train.resume != "never", "resuming from checkpoints"),
     "train.save_every": (lambda c: c.train.save_every > 0, "periodic checkpoints"),
-    "lora.enabled": (lambda c: c.lora.enabled, "LoRA fine-tuning"),
-    "model.pretrained": (lambda c: c.model.get("pretrained") is not None, "loading pretrained weights"),
 }
 
 
@@ -55,10 +56,24 @@ def check_supported(config: Config) -> None:
 
 
 def model_config(config: Config, dataset: Dataset) -> MLAConfig:
-    """MLAConfig defaults, the tokenizer's vocabulary size, then the user's `model` keys."""
+    """MLAConfig defaults, the tokenizer's vocabulary size, then the user's `model` keys; or, with
+    `model.pretrained`, the checkpoint's own config, which the user's keys must agree with."""
     fields = {k: v for k, v in config.model.items() if k != "pretrained"}
-    fields.setdefault("vocab_size", dataset.vocab_size)
-    mcfg = MLAConfig(**fields)
+    pretrained = config.model.get("pretrained")
+    if pretrained is None:
+        fields.setdefault("vocab_size", dataset.vocab_size)
+        mcfg = MLAConfig(**fields)
+    else:
+        try:
+            mcfg = read_config(pretrained)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.pretrained={pretrained!r}: {error}") from None
+        for key, value in fields.items():
+            if getattr(mcfg, key) != value:
+                theirs = getattr(mcfg, key)
+                raise ConfigError(
+                    f"model.{key}={value!r}: the pretrained model {pretrained} has {key}={theirs!r}"
+                )
     if dataset.max_token_id >= mcfg.vocab_size:
         raise ConfigError(
             f"model.vocab_size={mcfg.vocab_size}: the data contains token id {dataset.max_token_id}, at or "
@@ -70,30 +85,70 @@ def model_config(config: Config, dataset: Dataset) -> MLAConfig:
 
 
 def lr_at(step: int, config: Config) -> float:
-    """Linear warmup to `optim.lr`, then cosine or linear decay to `min_lr`, or constant."""
-    opt, total = config.optim, config.train.steps
-    if step < opt.warmup_steps:
-        return opt.lr * (step + 1) / opt.warmup_steps
-    if opt.schedule == "constant":
-        return opt.lr
-    progress = min(1.0, (step - opt.warmup_steps) / max(1, total - opt.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule == "cosine" else 1 - progress
-    return opt.min_lr + (opt.lr - opt.min_lr) * shape
+    """Linear warmup to `optim.lr`, then `optim.schedule` (constant, linear, cosine, wsd; see
+    train/schedules.py) down to `optim.min_lr`."""
+    opt = config.optim
+    return learning_rate(
+        step,
+        schedule=opt.schedule,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        warmup_steps=opt.warmup_steps,
+        total_steps=config.train.steps,
+        decay_fraction=opt.decay_fraction,
+    )
+
+
+def batch_shape_at(step: int, config: Config) -> tuple[int, int]:
+    """(sequence length, sequences) of the global batch at `step`, under `train.curriculum_*`."""
+    tc = config.train
+    return curriculum_at(
+        step,
+        start_seq_len=tc.curriculum_start_seq_len,
+        steps=tc.curriculum_steps,
+        seq_len=config.data.seq_len,
+        global_batch_size=tc.global_batch_size,
+        constant_tokens=tc.curriculum_constant_tokens,
+    )
+
+
+def uses_zero(config: Config) -> bool:
+    """ZeroOptimizer owns the gradients when sharding, offloading, or keeping fp32 master weights for a
+    16-bit model (stage 0)."""
+    dc = config.distributed
+    return dc.zero_stage > 0 or dc.offload_optimizer or config.train.precision in ("bf16", "fp16")
 
 
 def build_optimizer(
-    parameters: list[torch.nn.Parameter], config: Config, device: torch.device
+    parameters: list[torch.nn.Parameter], config: Config, topology: Topology
 ) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    """AdamW (`optim.name: adamw`) or 8-bit AdamW (`adamw8bit`), weight decay on matrices only (not on
+    norms and biases); wrapped in a ZeroOptimizer over the dp group when `uses_zero(config)`."""
     params = [p for p in parameters if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(
-        groups, lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps, **impl
-    )
+    groups = [g for g in groups if g["params"]]
+    hyper = dict(lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
+    if config.optim.name == "adamw8bit":
+        inner_cls = AdamW8bit
+    else:
+        inner_cls = torch.optim.AdamW
+        fused = topology.device.type == "cuda" and not config.distributed.offload_optimizer
+        hyper.update({"fused": True} if fused else {"foreach": True})
+    if uses_zero(config):
+        dc = config.distributed
+        return ZeroOptimizer(
+            groups,
+            inner_cls,
+            dc.zero_stage,
+            topology.dp_group,
+            dc.offload_optimizer,
+            dc.bucket_cap_mb,
+            **hyper,
+        )
+    return inner_cls(groups, **hyper)
 
 
 def batch_split(config: Config, dp: int) -> tuple[int, int]:
@@ -131,24 +186,50 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> dict[int
     """This rank's model chunks, keyed by (virtual) pipeline stage: {0: whole model} without pipeline."""
     v = config.distributed.virtual_stages
     specs = split_layers(mcfg.num_layers, topology.pp_size * v, config.distributed.pp_layers)
+    pretrained, lora = config.model.get("pretrained"), config.lora
+    if lora.enabled:  # the targets must match in the whole model (checked on the meta device: no memory)
+        with torch.device("meta"):
+            apply_lora(MLATransformer(mcfg), lora.targets, lora.r, lora.alpha, lora.dropout)
     chunks = {}
     for c in range(v):
         stage = c * topology.pp_size + topology.pp_rank
         torch.manual_seed(config.train.seed)
-        chunk = MLATransformer(mcfg, topology, specs[stage]).to(topology.device)
+        if pretrained is None:
+            chunk = MLATransformer(mcfg, topology, specs[stage])
+        else:
+            chunk = load_pretrained(pretrained, topology, specs[stage])
+        if lora.enabled:  # before moving: an NF4 base reaches the device already quantized
+            apply_lora(
+                chunk,
+                lora.targets,
+                lora.r,
+                lora.alpha,
+                lora.dropout,
+                lora.quantize_base,
+                seed=config.train.seed,
+                require_match=False,
+            )
+        chunk = chunk.to(topology.device)
+        if config.train.precision in ("bf16", "fp16"):  # 16-bit weights; fp32 masters in ZeroOptimizer
+            chunk = chunk.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
         chunk.set_activation_checkpointing(config.distributed.activation_checkpointing)
         chunks[stage] = chunk
     return chunks
 
 
-def save_final_weights(runner: ModelRunner, mcfg: MLAConfig, out_dir: Path, context: RunContext) -> Path:
-    """Full weights as `final/model.safetensors` + `final/config.json`, written by global rank 0."""
-    tensors = runner.full_state_dict()
+def save_final_weights(
+    runner: ModelRunner, mcfg: MLAConfig, out_dir: Path, context: RunContext, tokenizer=None
+) -> Path:
+    """Full weights as `final/model.safetensors` + `final/config.json` (+ the `tokenizer.json`, so the
+    folder is all that generation needs), written by global rank 0. LoRA adapters are merged in."""
+    tensors = full_state(list(runner.chunks.values()), runner.topology.pp_group)
     folder = out_dir / "final"
     if context.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 
 
@@ -191,6 +272,10 @@ def _train(config: Config, context: RunContext) -> dict:
     val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size)
 
     chunks = build_model(config, mcfg, topo)
+    params = [p for c in chunks.values() for p in c.parameters()]
+    optimizer = build_optimizer(params, config, topo)
+    zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
+    scaler = DynamicLossScaler() if tc.precision == "fp16" else None
     runner = ModelRunner(
         chunks,
         topo,
@@ -201,13 +286,13 @@ def _train(config: Config, context: RunContext) -> dict:
         pp_schedule=config.distributed.pp_schedule,
         virtual_stages=config.distributed.virtual_stages,
         bucket_cap_mb=config.distributed.bucket_cap_mb,
+        grad_sync=zero,
     )
-    optimizer = build_optimizer(list(runner.parameters()), config, device)
 
     out_dir = Path(tc.out_dir)
     resolved = replace(
         config,
-        model={**mcfg.to_dict(), "pretrained": None},
+        model={**mcfg.to_dict(), "pretrained": config.model.get("pretrained")},
         distributed=replace(config.distributed, dp=topo.dp_size, tp=topo.tp_size),
         train=replace(tc, micro_batch_size=mbs),
     )
@@ -224,6 +309,12 @@ def _train(config: Config, context: RunContext) -> dict:
             if topo.pp_size > 1
             else ""
         )
+        + (
+            f"; sequence-length curriculum {tc.curriculum_start_seq_len} -> {seq_len} over "
+            f"{tc.curriculum_steps} steps"
+            if tc.curriculum_start_seq_len is not None
+            else ""
+        )
     )
 
     metrics_file = out_dir / "metrics.jsonl"
@@ -233,7 +324,9 @@ def _train(config: Config, context: RunContext) -> dict:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    tokens_per_step = tc.global_batch_size * seq_len
+    curriculum = tc.curriculum_start_seq_len is not None
+    tokens_done = tokens_at_last_log = 0
+    stop_reason = None
     start = last_log_time = time.perf_counter()
     last_log_step = 0
     loss_sum = torch.zeros((), device=device)
@@ -249,18 +342,30 @@ def _train(config: Config, context: RunContext) -> dict:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = torch.from_numpy(sampler.local_batch(step, topo.dp_rank, topo.dp_size))
+        step_len, step_rows = batch_shape_at(step, config)
+        tokens_done += step_len * step_rows
+        batch = torch.from_numpy(
+            sampler.local_batch(step, topo.dp_rank, topo.dp_size, seq_len=step_len, batch_size=step_rows)
+        )
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-        loss_sum += runner.train_step(batch)
-        grad_norm = clip_grad_norm_(runner.parameters(), tc.grad_clip, topo.tp_group, topo.pp_group)
-        optimizer.step()
+        if scaler is None:
+            loss_sum += runner.train_step(batch)
+        else:
+            loss_sum += runner.train_step(batch, scaler.scale)
+            zero.scale_grads(1.0 / scaler.scale)
+        if zero is not None:
+            grad_norm = zero.clip_grad_norm_(tc.grad_clip, topo.tp_group, topo.pp_group)
+        else:
+            grad_norm = clip_grad_norm_(runner.parameters(), tc.grad_clip, topo.tp_group, topo.pp_group)
+        if scaler is None or not scaler.update(grad_norm.item()):  # fp16: skip a step with inf/NaN grads
+            optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
             mean_loss = runner.reduce_loss(loss_sum).item() / (done - last_log_step)
             now = time.perf_counter()
-            tokens_per_s = tokens_per_step * (done - last_log_step) / (now - last_log_time)
+            tokens_per_s = (tokens_done - tokens_at_last_log) / (now - last_log_time)
             elapsed = now - start
             eta = elapsed / done * (tc.steps - done)
             entry = {
@@ -269,9 +374,13 @@ def _train(config: Config, context: RunContext) -> dict:
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": tokens_per_s,
-                "tokens": done * tokens_per_step,
+                "tokens": tokens_done,
                 "elapsed_s": elapsed,
             }
+            if curriculum:
+                entry["seq_len"] = step_len
+            if scaler is not None:
+                entry["loss_scale"], entry["skipped_steps"] = scaler.scale, scaler.skipped_steps
             record(entry)
             history.append(entry)
             context.log(
@@ -280,7 +389,13 @@ def _train(config: Config, context: RunContext) -> dict:
                 f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
             )
             loss_sum.zero_()
-            last_log_step, last_log_time = done, time.perf_counter()
+            last_log_step, last_log_time, tokens_at_last_log = done, time.perf_counter(), tokens_done
+            if tc.max_loss is not None and (not math.isfinite(mean_loss) or mean_loss > tc.max_loss):
+                stop_reason = (
+                    f"train loss {mean_loss:.4g} at step {done} is above train.max_loss={tc.max_loss}"
+                )
+                context.log(f"stopping: {stop_reason}")
+                break
         if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
             eval_start = time.perf_counter()
             val_loss = runner.evaluate(val_windows)
@@ -295,10 +410,13 @@ def _train(config: Config, context: RunContext) -> dict:
             context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
             last_log_time += time.perf_counter() - eval_start
 
-    final_dir = save_final_weights(runner, mcfg, out_dir, context)
+    final_dir = save_final_weights(runner, mcfg, out_dir, context, dataset.tokenizer)
     context.log(f"saved final weights to {final_dir}")
+    if config.lora.enabled:
+        adapter_dir = save_adapter(list(chunks.values()), out_dir / "adapter", topo.pp_group)
+        context.log(f"saved the LoRA adapter (PEFT format) to {adapter_dir}")
     sample = None
-    if tc.sample_tokens:
+    if tc.sample_tokens and stop_reason is None:
         prompt = dataset.tokenizer.encode(tc.sample_prompt).ids or [dataset.eot_id]
         ids = runner.generate(prompt, tc.sample_tokens, tc.seed)
         sample = dataset.tokenizer.decode(ids)
@@ -310,7 +428,9 @@ def _train(config: Config, context: RunContext) -> dict:
         "val_perplexity": val_history[-1]["perplexity"],
         "first_val_loss": val_history[0]["loss"],
         "steps": tc.steps,
-        "tokens": tc.steps * tokens_per_step,
+        "tokens": tokens_done,
+        "stopped_early": stop_reason is not None,
+        "stop_reason": stop_reason,
         "elapsed_s": time.perf_counter() - start,
         "out_dir": str(out_dir),
         "history": history,
