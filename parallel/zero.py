@@ -11,6 +11,8 @@ of master + moments per parameter) the optimizer memory per rank falls from 12 P
              updated parameters are all-gathered
     stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
              the full bucket is freed right after (no full gradient kept between steps)
+    stage 3  as 2, and the parameters are sharded too: gathered per unit for its forward and backward
+             (parallel/zero3.py); one bucket per unit and parameter group
 
 Gradients are accumulated in fp32: a hook adds each parameter's gradient (16- or 32-bit) into the fp32
 bucket as soon as autograd has produced it and frees it; a bucket whose parameters are all done is
@@ -37,6 +39,7 @@ from torch import nn
 
 from parallel.collectives import group_rank, group_size
 from parallel.tensor_parallel import tp_dim
+from parallel.zero3 import ParameterSharding
 
 ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSprop")
 
@@ -51,6 +54,7 @@ class _Bucket:
         self.device, self.dtype = params[0].device, params[0].dtype
         self.master_dtype = torch.promote_types(self.dtype, torch.float32)  # fp32, or fp64 for fp64 models
         self.offsets, offset = {}, 0
+        self.shapes = {p: p.shape for p in params}  # kept: ZeRO-3 empties parameters between uses
         for p in params:
             self.offsets[p] = offset
             offset += p.numel()
@@ -77,7 +81,8 @@ class _Bucket:
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
-    """Shard `optimizer_cls` (any element-wise torch optimizer) over the dp `group` (ZeRO stage 0-2).
+    """Shard `optimizer_cls` (any element-wise torch optimizer) over the dp `group` (ZeRO stage 0-3;
+    stage 3 also shards the parameters of `units`, see parallel/zero3.py).
 
     Use it instead of `DataParallel`: it reduces the gradients itself. `param_groups` are those of an
     ordinary optimizer (LR schedulers work); their hyper-parameters are passed to the inner optimizer at
@@ -92,13 +97,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         group: dist.ProcessGroup | None = None,
         offload: bool = False,
         bucket_cap_mb: float = 25.0,
+        units: list[nn.Module] | None = None,
         **optimizer_kwargs,
     ) -> None:
-        if stage not in (0, 1, 2):
-            raise ValueError(
-                f"distributed.zero_stage={stage!r}: expected 0, 1 or 2 here (stage 3 shards parameters: "
-                "use parallel.zero3)"
-            )
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"distributed.zero_stage={stage!r}: expected 0, 1, 2 or 3")
+        if stage == 3 and not units:
+            raise ValueError("ZeRO stage 3 needs `units`: the modules whose parameters are gathered together")
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_cls={optimizer_cls!r}: expected a torch.optim.Optimizer subclass")
         if optimizer_cls.__name__ not in ELEMENTWISE_OPTIMIZERS:
@@ -110,6 +115,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage, self.group, self.offload = stage, group, offload
         self.world, self.rank = group_size(group), group_rank(group)
         self.sync_enabled = True
+        self._unit_of = {p: i for i, u in enumerate(units or []) for p in u.parameters()}
         self._callback_queued = False
         self._next_to_launch = 0
         self.buckets = self._build_buckets(bucket_cap_mb)
@@ -133,6 +139,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket in self.buckets:
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.sharding = ParameterSharding(self, units) if stage == 3 else None
 
     def _build_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
         cap = int(bucket_cap_mb * 2**20 / 4)
@@ -143,6 +150,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for p in reversed(params):
                 same = not current or (
                     (tp_dim(current[0]) is None) == (tp_dim(p) is None)
+                    and self._unit_of.get(current[0]) == self._unit_of.get(p)
                     and current[0].dtype == p.dtype
                     and current[0].device == p.device
                 )
@@ -232,6 +240,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self._fold(p)
             bucket.pending = 0
         self._finish_reduction()
+        if self.sharding is not None:
+            self.sharding.release_all()
 
     # ------------------------------------------------------------------ the step
 
@@ -287,6 +297,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
             inner.update({k: v for k, v in outer.items() if k != "params"})
         self.inner.step()
+        if self.sharding is not None:
+            self.sharding.write_back()
+            return
         for bucket, master in zip(self.buckets, self.masters, strict=True):
             flat = torch.empty(bucket.padded, dtype=bucket.master_dtype, device=bucket.device)
             mine = flat[bucket.start : bucket.start + bucket.chunk]
@@ -350,6 +363,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 for p in bucket.params:
                     offset = bucket.offsets[p]
                     full.setdefault(index_of[p], {})[name] = (
-                        flat[offset : offset + p.numel()].view_as(p).clone()
+                        flat[offset : offset + bucket.shapes[p].numel()].view(bucket.shapes[p]).clone()
                     )
         return full

@@ -21,6 +21,7 @@ from parallel import DataParallel, full_tensor
 from parallel.loss_scaler import DynamicLossScaler
 from parallel.pipeline import PipelineExecutor
 from parallel.zero import ZeroOptimizer
+from parallel.zero3 import default_units
 
 CONFIG = MLAConfig(
     vocab_size=131,
@@ -64,15 +65,17 @@ def _reference(batches, micro: int, clip: float):
 
 
 def _check_against_single_process(
-    dp: int, tp: int, stage: int, micro: int, clip: float, offload: bool
+    dp: int, tp: int, stage: int, micro: int, clip: float, offload: bool, recompute: bool = False
 ) -> None:
     batches = _batches(4 * dp)
     expected, expected_state = _reference(batches, micro, clip)
     with grid(dp=dp, tp=tp) as topo:
         torch.manual_seed(1)
         model = MLATransformer(CONFIG, topo).double()
+        model.set_activation_checkpointing(recompute)
+        units = default_units(model) if stage == 3 else None
         opt = ZeroOptimizer(
-            model.parameters(), torch.optim.AdamW, stage, topo.dp_group, offload, bucket_cap_mb=0.01, **ADAM
+            model.parameters(), torch.optim.AdamW, stage, topo.dp_group, offload, 0.01, units, **ADAM
         )
         assert len(opt.buckets) > 2, "several buckets must be exercised"
         for batch, weights in zip(batches, expected, strict=True):
@@ -84,8 +87,10 @@ def _check_against_single_process(
                     (model.loss(chunk[:, :-1], chunk[:, 1:]) / micro).backward()
             opt.clip_grad_norm_(clip, topo.tp_group)
             opt.step()
-            for name, p in model.named_parameters():
-                torch.testing.assert_close(full_tensor(p, topo.tp_group), weights[name], **FP64_TOL)
+            whole = opt.sharding.gathered_parameters() if stage == 3 else _nullcontext()
+            with whole:
+                for name, p in model.named_parameters():
+                    torch.testing.assert_close(full_tensor(p, topo.tp_group), weights[name], **FP64_TOL)
         if tp == 1:
             state = opt.consolidated_state_dict()
             for index, (name, _) in enumerate(model.named_parameters()):
@@ -101,7 +106,7 @@ class _nullcontext:
         return False
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dp", [2, 4])
 def test_zero_matches_single_process_adamw(stage, dp):
     run_distributed(dp, _check_against_single_process, dp, 1, stage, 1, 0.0, False)
@@ -111,8 +116,39 @@ def test_zero_with_accumulation_and_clipping():
     run_distributed(2, _check_against_single_process, 2, 1, 2, 2, 0.05, False)
 
 
-def test_zero_with_tensor_parallel():
-    run_distributed(4, _check_against_single_process, 2, 2, 2, 2, 0.05, False)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_tensor_parallel_accumulation_and_clipping(stage):
+    run_distributed(4, _check_against_single_process, 2, 2, stage, 2, 0.05, False)
+
+
+def test_zero3_with_accumulation_clipping_and_offload():
+    run_distributed(2, _check_against_single_process, 2, 1, 3, 2, 0.05, True)
+
+
+def test_zero3_with_activation_recompute():
+    # recompute runs a layer's forward inside backward: no prefetch may carry weights across a step
+    run_distributed(2, _check_against_single_process, 2, 1, 3, 1, 0.0, False, True)
+
+
+def _check_zero3_keeps_only_shards() -> None:
+    with grid(dp=2) as topo:
+        torch.manual_seed(1)
+        model = MLATransformer(CONFIG, topo)
+        total = sum(p.numel() for p in model.parameters())
+        opt = ZeroOptimizer(
+            model.parameters(), torch.optim.AdamW, 3, topo.dp_group, units=default_units(model), lr=1e-3
+        )
+        assert sum(p.numel() for p in model.parameters()) == 0, "between steps no parameter is whole"
+        shards = sum(b.param_chunk.numel() for b in opt.buckets)
+        assert total / 2 <= shards <= total / 2 + 2 * len(opt.buckets)
+        batch = _batches(4)[0].chunk(2)[topo.dp_rank]
+        model.loss(batch[:, :-1], batch[:, 1:]).backward()
+        assert sum(p.numel() for p in model.parameters()) == 0, "after backward every unit is freed again"
+        assert all(b.grad is None for b in opt.buckets), "stage 3 keeps no full gradient"
+
+
+def test_zero3_frees_parameters_between_uses():
+    run_distributed(2, _check_zero3_keeps_only_shards)
 
 
 def test_zero_with_offload():
@@ -216,6 +252,8 @@ def test_bad_stage_and_non_elementwise_optimizer_are_rejected():
     params = list(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(ValueError, match="distributed.zero_stage=5"):
         ZeroOptimizer(params, torch.optim.AdamW, 5)
+    with pytest.raises(ValueError, match="stage 3 needs `units`"):
+        ZeroOptimizer(params, torch.optim.AdamW, 3)
     with pytest.raises(ValueError, match="LBFGS cannot be sharded"):
         ZeroOptimizer(params, torch.optim.LBFGS, 1)
 

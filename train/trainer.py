@@ -10,6 +10,7 @@ summation order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -30,6 +31,7 @@ from parallel.lora import apply_lora, save_adapter
 from parallel.loss_scaler import DynamicLossScaler
 from parallel.topology import Topology
 from parallel.zero import ZeroOptimizer
+from parallel.zero3 import default_units
 from train.config import Config, ConfigError, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
@@ -37,7 +39,6 @@ from train.runner import ModelRunner
 from train.schedules import curriculum_at, learning_rate
 
 NOT_YET = {
-    "distributed.zero_stage": (lambda c: c.distributed.zero_stage == 3, "ZeRO stage 3 (parameter sharding)"),
     "distributed.sequence_parallel": (lambda c: c.distributed.sequence_parallel, "sequence parallelism"),
     "train.resume": (lambda c: c.train.resume != "never", "resuming from checkpoints"),
     "train.save_every": (lambda c: c.train.save_every > 0, "periodic checkpoints"),
@@ -53,6 +54,14 @@ def check_supported(config: Config) -> None:
             raise ConfigError(
                 f"{key}={value!r}: {feature} is not supported yet (see the README's support matrix)"
             )
+    dc = config.distributed
+    if dc.zero_stage == 3 and dc.pp > 1 and dc.pp_schedule == "zb1p":
+        raise ConfigError(
+            "distributed.pp_schedule='zb1p' with distributed.zero_stage=3: zero-bubble defers weight "
+            "gradients past the point where ZeRO-3 frees a layer's parameters; use 1f1b or zero_stage 2"
+        )
+    if dc.zero_stage == 3 and config.model.get("tie_embeddings"):
+        raise ConfigError("model.tie_embeddings=true with distributed.zero_stage=3 is not supported")
 
 
 def model_config(config: Config, dataset: Dataset) -> MLAConfig:
@@ -120,11 +129,11 @@ def uses_zero(config: Config) -> bool:
 
 
 def build_optimizer(
-    parameters: list[torch.nn.Parameter], config: Config, topology: Topology
+    chunks: dict[int, MLATransformer], config: Config, topology: Topology
 ) -> torch.optim.Optimizer:
     """AdamW (`optim.name: adamw`) or 8-bit AdamW (`adamw8bit`), weight decay on matrices only (not on
     norms and biases); wrapped in a ZeroOptimizer over the dp group when `uses_zero(config)`."""
-    params = [p for p in parameters if p.requires_grad]
+    params = [p for chunk in chunks.values() for p in chunk.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -139,6 +148,7 @@ def build_optimizer(
         hyper.update({"fused": True} if fused else {"foreach": True})
     if uses_zero(config):
         dc = config.distributed
+        units = [u for chunk in chunks.values() for u in default_units(chunk)] if dc.zero_stage == 3 else None
         return ZeroOptimizer(
             groups,
             inner_cls,
@@ -146,6 +156,7 @@ def build_optimizer(
             topology.dp_group,
             dc.offload_optimizer,
             dc.bucket_cap_mb,
+            units,
             **hyper,
         )
     return inner_cls(groups, **hyper)
@@ -272,8 +283,7 @@ def _train(config: Config, context: RunContext) -> dict:
     val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size)
 
     chunks = build_model(config, mcfg, topo)
-    params = [p for c in chunks.values() for p in c.parameters()]
-    optimizer = build_optimizer(params, config, topo)
+    optimizer = build_optimizer(chunks, config, topo)
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     scaler = DynamicLossScaler() if tc.precision == "fp16" else None
     runner = ModelRunner(
@@ -410,7 +420,13 @@ def _train(config: Config, context: RunContext) -> dict:
             context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
             last_log_time += time.perf_counter() - eval_start
 
-    final_dir = save_final_weights(runner, mcfg, out_dir, context, dataset.tokenizer)
+    whole = (
+        zero.sharding.gathered_parameters()
+        if zero is not None and zero.sharding
+        else contextlib.nullcontext()
+    )
+    with whole:  # ZeRO-3 keeps only shards between steps
+        final_dir = save_final_weights(runner, mcfg, out_dir, context, dataset.tokenizer)
     context.log(f"saved final weights to {final_dir}")
     if config.lora.enabled:
         adapter_dir = save_adapter(list(chunks.values()), out_dir / "adapter", topo.pp_group)
