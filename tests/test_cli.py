@@ -176,7 +176,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
         ("data.seq_len=128", ["data.seq_len=128", "model.max_seq_len=64"]),
         ("model.vocab_size=300", ["model.vocab_size=300", "token id"]),
         ("distributed.dp=2", ["dp*tp*pp", "world size 1"]),
-        ("distributed.zero_stage=3", ["distributed.zero_stage=3", "not supported yet"]),
+        ("distributed.sequence_parallel=true", ["distributed.sequence_parallel=True", "not supported yet"]),
         ("distributed.num_microbatches=3", ["distributed.num_microbatches=3", "does not divide"]),
     ],
 )

@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread, and much faster on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(**overrides) -> MLAConfig:
     base = dict(
         vocab_size=211,
