@@ -92,7 +92,7 @@ def bench(rank: int, world: int, quick: bool) -> dict:
     repeats = 3 if quick else 10
     rows = []
     for m in (4,) if quick else (4, 8):
-        steps, executors = {}, {}
+        steps, executors, busy = {}, {}, {}
         for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb1p", 1)):
             torch.manual_seed(rank)
             chunks = {c * world + rank: UniformStage(depth // v) for c in range(v)}
@@ -100,10 +100,22 @@ def bench(rank: int, world: int, quick: bool) -> dict:
             inputs = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(m)]
             targets = [torch.randn(BATCH, SEQ, HIDDEN) for _ in range(m)]
             executors[name] = (executor, v)
-            steps[name] = lambda e=executor, i=inputs, t=targets: e.step(
-                i, t, (BATCH, SEQ, HIDDEN), torch.float32
-            )
+            busy[name] = []
+
+            def run(e=executor, i=inputs, t=targets, name=name, busy=busy):
+                e.step(i, t, (BATCH, SEQ, HIDDEN), torch.float32)
+                busy[name].append(e.compute_seconds)
+
+            steps[name] = run
         times = interleaved_times(steps, warmup=2, repeats=repeats)
+        # Idle time measured inside the same steps: 1 - (this rank's compute time) / (step time), paired
+        # round by round, median, averaged over the ranks — machine-wide slowdowns cancel out.
+        idle = {}
+        for name in steps:
+            pairs = list(zip(busy[name][-repeats:], times[name], strict=True))
+            mine = torch.tensor([sorted(1 - b / t for b, t in pairs)[len(pairs) // 2]])
+            dist.all_reduce(mine)
+            idle[name] = mine.item() / world
         costs = stage_costs(depth, repeats=5 if quick else 20)
         act = activation_bytes(depth)
         for name, (_, v) in executors.items():
@@ -123,7 +135,8 @@ def bench(rank: int, world: int, quick: bool) -> dict:
                     "v": v,
                     "step_ms": measured * 1e3,
                     "ideal_ms": ideal * 1e3,
-                    "bubble_measured": 1 - ideal / measured,
+                    "bubble_measured": idle[name],
+                    "bubble_vs_ideal": 1 - ideal / measured,
                     "bubble_simulated": sim.bubble,
                     "bubble_formula": bubble_formula(name, world, m, v) if name != "zb1p" else None,
                     "peak_in_flight": max(sim.peak_in_flight),
@@ -140,7 +153,7 @@ def main() -> None:
     result = run_world(bench, args.quick, world_size=2)
     columns = [
         ("schedule", "schedule"), ("p", "p"), ("m", "m"), ("v", "v"), ("step ms", "step_ms"),
-        ("ideal ms", "ideal_ms"), ("bubble measured", "bubble_measured"),
+        ("ideal ms", "ideal_ms"), ("idle measured", "bubble_measured"), ("1 - ideal/step", "bubble_vs_ideal"),
         ("bubble simulated", "bubble_simulated"), ("bubble formula", "bubble_formula"),
         ("peak in flight", "peak_in_flight"), ("peak act. MB/stage", "peak_activation_MB"),
     ]  # fmt: skip

@@ -22,6 +22,7 @@ The executor leaves data parallelism to the caller: run `step` inside `no_sync()
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,6 +120,7 @@ class PipelineExecutor:
         on the last stage (zero elsewhere); gradients are left in `.grad`."""
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         total = torch.zeros((), device=self.topology.device)
+        self.compute_seconds = 0.0  # time spent computing (not waiting), for bubble measurements
         for action in self.actions:
             i, s = action.microbatch, action.stage
             chunk = self.chunks[s]
@@ -129,6 +131,7 @@ class PipelineExecutor:
                 else:
                     x = self._exchange((activation_shape, dtype, s - 1, self._tag(ACTIVATION, i, s - 1)))
                     x.requires_grad_()
+                started = time.perf_counter()
                 recording = self.store.recording() if self.store is not None else _null()
                 with recording:
                     if s == self.num_stages - 1:
@@ -137,6 +140,7 @@ class PipelineExecutor:
                     else:
                         out = chunk(x)
                         self._send(out.detach(), s + 1, self._tag(ACTIVATION, i, s))
+                self.compute_seconds += time.perf_counter() - started
                 saved[(i, s)] = (x if s > 0 else None, out)
             elif action.kind == "B":
                 x, out = saved.pop((i, s))
@@ -145,13 +149,17 @@ class PipelineExecutor:
                     grad = None
                 else:
                     grad = self._exchange((out.shape, out.dtype, s + 1, self._tag(GRADIENT, i, s + 1)))
+                started = time.perf_counter()
                 capturing = self.store.capturing((i, s)) if self.store is not None else _null()
                 with capturing:
                     torch.autograd.backward(out, grad_tensors=grad)
+                self.compute_seconds += time.perf_counter() - started
                 if x is not None:
                     self._send(x.grad, s - 1, self._tag(GRADIENT, i, s))
             else:
+                started = time.perf_counter()
                 self.store.flush((i, s))
+                self.compute_seconds += time.perf_counter() - started
         self._finish_sends()
         return total
 
