@@ -102,6 +102,7 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
     (2, 1, 1, ["distributed.zero_stage=2", "distributed.offload_optimizer=true", "train.micro_batch_size=2"]),
     (1, 2, 2, ["distributed.zero_stage=2", "distributed.pp_schedule=zb1p", "train.micro_batch_size=2"]),
     (2, 1, 1, ["distributed.zero_stage=3", "distributed.activation_checkpointing=true"]),
+    (1, 1, 1, ["train.compile=true", "train.compile_backend=eager"]),  # tracing only: inductor is slow on CPU
 ]
 
 

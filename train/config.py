@@ -95,6 +95,9 @@ class TrainConfig:
     curriculum_steps: int = 0  # steps over which the length grows to data.seq_len
     curriculum_constant_tokens: bool = True  # more, shorter sequences early (else fewer tokens early)
     max_loss: float | None = None  # stop when a logged train loss is NaN/inf or above this (null: never)
+    compile: bool = False  # torch.compile each decoder layer's forward
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" checks tracing only)
+    peak_tflops: float | None = None  # per-device peak for MFU (null: from the GPU's preset, if known)
 
 
 @dataclass
@@ -182,6 +185,8 @@ RULES: dict[str, Rule] = {
     "train.curriculum_start_seq_len": _at_least(1),
     "train.curriculum_steps": _at_least(0),
     "train.max_loss": _POSITIVE,
+    "train.compile_backend": _one_of("inductor", "eager", "aot_eager"),
+    "train.peak_tflops": _POSITIVE,
     "lora.r": _at_least(1),
     "lora.alpha": _POSITIVE,
     "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),

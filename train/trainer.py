@@ -35,6 +35,7 @@ from parallel.zero3 import default_units
 from train.config import Config, ConfigError, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
+from train.flops import flops_per_token
 from train.runner import ModelRunner
 from train.schedules import curriculum_at, learning_rate
 
@@ -224,6 +225,9 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> dict[int
         if config.train.precision in ("bf16", "fp16"):  # 16-bit weights; fp32 masters in ZeroOptimizer
             chunk = chunk.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
         chunk.set_activation_checkpointing(config.distributed.activation_checkpointing)
+        if config.train.compile:  # each layer's forward; hooks (ZeRO-3, pipeline) stay outside the graph
+            for layer in chunk.model.layers.values():
+                layer.forward = torch.compile(layer.forward, backend=config.train.compile_backend)
         chunks[stage] = chunk
     return chunks
 
@@ -391,12 +395,17 @@ def _train(config: Config, context: RunContext) -> dict:
                 entry["seq_len"] = step_len
             if scaler is not None:
                 entry["loss_scale"], entry["skipped_steps"] = scaler.scale, scaler.skipped_steps
+            tflops = tokens_per_s * flops_per_token(mcfg, step_len) / topo.world_size / 1e12
+            entry["tflops_per_device"] = tflops
+            if tc.peak_tflops:
+                entry["mfu"] = tflops / tc.peak_tflops
             record(entry)
             history.append(entry)
             context.log(
                 f"step {done:>6}/{tc.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad-norm "
-                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
-                f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
+                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device | "
+                + (f"MFU {entry['mfu']:.1%} | " if "mfu" in entry else "")
+                + f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
             )
             loss_sum.zero_()
             last_log_step, last_log_time, tokens_at_last_log = done, time.perf_counter(), tokens_done
@@ -427,9 +436,10 @@ def _train(config: Config, context: RunContext) -> dict:
     )
     with whole:  # ZeRO-3 keeps only shards between steps
         final_dir = save_final_weights(runner, mcfg, out_dir, context, dataset.tokenizer)
+        if config.lora.enabled:
+            adapter_dir = save_adapter(list(chunks.values()), out_dir / "adapter", topo.pp_group)
     context.log(f"saved final weights to {final_dir}")
     if config.lora.enabled:
-        adapter_dir = save_adapter(list(chunks.values()), out_dir / "adapter", topo.pp_group)
         context.log(f"saved the LoRA adapter (PEFT format) to {adapter_dir}")
     sample = None
     if tc.sample_tokens and stop_reason is None:
