@@ -24,14 +24,17 @@ memory and the inner optimizer steps on the CPU; gradient shards go down and upd
 On a CPU-only machine the same code runs with host-to-host copies.
 
 The result is that of the inner optimizer applied to the full, dp-averaged gradient: element-wise
-optimizers (SGD, Adam, AdamW, AdamW8bit with blocks inside each shard) give the same parameters as the
-unsharded optimizer. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
+optimizers (SGD, Adam, AdamW) give the same parameters as the unsharded optimizer. A block-wise one
+(AdamW8bit) sees the flat buckets, padded so that every chunk holds whole quantization blocks: its blocks
+tile the buckets (they may span two parameters, and every parameter gets 8-bit state), the same for any
+dp size, so stage 1-3 at any dp equals stage 0. Global-norm clipping is `clip_grad_norm_` here,
+computed on the shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -47,7 +50,9 @@ ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSpr
 class _Bucket:
     """Flat fp32 gradient accumulator for a run of parameters of one group, and this rank's chunk."""
 
-    def __init__(self, params: list[nn.Parameter], group_index: int, world: int, rank: int) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], group_index: int, world: int, rank: int, align: int = 1
+    ) -> None:
         self.params = params
         self.group_index = group_index
         self.tp_sharded = tp_dim(params[0]) is not None
@@ -59,7 +64,7 @@ class _Bucket:
             self.offsets[p] = offset
             offset += p.numel()
         self.numel = offset
-        self.padded = -(-offset // world) * world
+        self.padded = -(-offset // (world * align)) * world * align  # chunks hold whole `align` blocks
         self.chunk = self.padded // world
         self.start = rank * self.chunk
         self.grad: torch.Tensor | None = None  # full fp32 accumulator, allocated on first use
@@ -114,10 +119,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults=optimizer_kwargs)
         self.stage, self.group, self.offload = stage, group, offload
         self.world, self.rank = group_size(group), group_rank(group)
+        # Stage 0 reduces over the dp group but keeps everything whole: one "shard" per rank.
+        self.shards, self.shard_rank = (1, 0) if stage == 0 else (self.world, self.rank)
         self.sync_enabled = True
         self._unit_of = {p: i for i, u in enumerate(units or []) for p in u.parameters()}
         self._callback_queued = False
         self._next_to_launch = 0
+        # A block-wise optimizer (AdamW8bit) quantizes in blocks of `block_size` elements of the flat
+        # chunks it is given: chunk boundaries on block boundaries make the blocks independent of dp.
+        self.align = (
+            int(optimizer_kwargs.get("block_size", 256)) if optimizer_cls.__name__ == "AdamW8bit" else 1
+        )
         self.buckets = self._build_buckets(bucket_cap_mb)
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
 
@@ -155,11 +167,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     and current[0].device == p.device
                 )
                 if current and (not same or sum(q.numel() for q in current) >= cap):
-                    buckets.append(_Bucket(current, index, self.world, self.rank))
+                    buckets.append(_Bucket(current, index, self.shards, self.shard_rank, self.align))
                     current = []
                 current.append(p)
             if current:
-                buckets.append(_Bucket(current, index, self.world, self.rank))
+                buckets.append(_Bucket(current, index, self.shards, self.shard_rank, self.align))
         return buckets
 
     # ------------------------------------------------------------------ gradient reduction
@@ -261,7 +273,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 replicated += sq
         device = self.buckets[0].device if self.buckets else torch.device("cpu")
         both = torch.stack([sharded, replicated]).to(device)
-        if self.world > 1:
+        if self.shards > 1:
             dist.all_reduce(both, group=self.group)
         if group_size(tp_group) > 1:
             dist.all_reduce(both[0:1], group=tp_group)
@@ -304,8 +316,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             flat = torch.empty(bucket.padded, dtype=bucket.master_dtype, device=bucket.device)
             mine = flat[bucket.start : bucket.start + bucket.chunk]
             mine.copy_(master, non_blocking=True)
-            if self.world > 1:
-                dist.all_gather(list(flat.chunk(self.world)), mine.clone(), group=self.group)
+            if self.shards > 1:
+                dist.all_gather(list(flat.chunk(self.shards)), mine.clone(), group=self.group)
             for p in bucket.params:
                 offset = bucket.offsets[p]
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -356,8 +368,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     continue
                 flat = torch.empty(bucket.padded, dtype=value.dtype, device=bucket.device)
                 mine = value.to(bucket.device)
-                if self.world > 1:
-                    dist.all_gather(list(flat.chunk(self.world)), mine.contiguous(), group=self.group)
+                if self.shards > 1:
+                    dist.all_gather(list(flat.chunk(self.shards)), mine.contiguous(), group=self.group)
                 else:
                     flat.copy_(mine)
                 for p in bucket.params:
@@ -366,3 +378,55 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         flat[offset : offset + bucket.shapes[p].numel()].view(bucket.shapes[p]).clone()
                     )
         return full
+
+    @torch.no_grad()
+    def load_consolidated_state_dict(self, full: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Inverse of `consolidated_state_dict`, for any dp size: `full[i]` holds, for parameter i (by
+        position in `param_groups`), tensors shaped like it: the inner optimizer's state (`exp_avg`, ...),
+        optionally `master` (the fp32 weights; the parameters are set from them too), and optionally a
+        scalar `step`. Each rank keeps its chunk of every bucket. `full[i]` is read once (it may be a lazy
+        mapping that loads one parameter at a time); a parameter missing from `full` is an error."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        index_of = {p: i for i, p in enumerate(params)}
+        inner_index = {m: i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
+        inner_state = {}
+        for bucket, master in zip(self.buckets, self.masters, strict=True):
+            flats: dict[str, torch.Tensor] = {}
+            step, names = None, None
+            for p in bucket.params:
+                if index_of[p] not in full:
+                    raise KeyError(f"load_consolidated_state_dict: no state for parameter {index_of[p]}")
+                entry, shape = full[index_of[p]], bucket.shapes[p]
+                step = entry.get("step", step)
+                tensors = {k: v for k, v in entry.items() if k != "step"}
+                if names is not None and set(tensors) != names:
+                    raise ValueError(
+                        f"parameter {index_of[p]}: state {sorted(tensors)} differs from its bucket's "
+                        f"{sorted(names)}"
+                    )
+                names = set(tensors)
+                for name, value in tensors.items():
+                    if tuple(value.shape) != tuple(shape):
+                        raise ValueError(
+                            f"parameter {index_of[p]}: {name} has shape {tuple(value.shape)}, expected "
+                            f"{tuple(shape)}"
+                        )
+                    if name not in flats:
+                        flats[name] = torch.zeros(bucket.padded, dtype=master.dtype, device=master.device)
+                    offset = bucket.offsets[p]
+                    flats[name][offset : offset + shape.numel()].copy_(value.reshape(-1))
+                    if name == "master" and self.sharding is None:
+                        p.copy_(value.view_as(p))
+            chunks = {name: f[bucket.start : bucket.start + bucket.chunk] for name, f in flats.items()}
+            if "master" in chunks:
+                master.copy_(chunks.pop("master"))
+                if self.sharding is not None:
+                    bucket.param_chunk.copy_(master.to(bucket.device))
+            if chunks:
+                state = {name: chunk.clone() for name, chunk in chunks.items()}
+                if step is not None:
+                    state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+                inner_state[inner_index[master]] = state
+        if inner_state:
+            groups = self.inner.state_dict()["param_groups"]
+            self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
