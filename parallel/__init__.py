@@ -1,4 +1,5 @@
-"""Parallelism written directly on torch.distributed: topology, collectives, TP layers, data parallel."""
+"""Parallelism written directly on torch.distributed: topology, collectives, tensor / pipeline / data
+parallelism, ZeRO, 8-bit AdamW, quantization and LoRA (`parallel.quant`, `parallel.lora`)."""
 
 from parallel.adam8bit import AdamW8bit
 from parallel.collectives import (
@@ -20,6 +21,7 @@ from parallel.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from parallel.topology import ParallelDims, Topology, destroy_distributed, init_distributed
+from parallel.zero import ZeroOptimizer
 
 __all__ = [
     "AdamW8bit",
@@ -29,6 +31,7 @@ __all__ = [
     "RowParallelLinear",
     "Topology",
     "VocabParallelEmbedding",
+    "ZeroOptimizer",
     "copy_to_group",
     "destroy_distributed",
     "full_tensor",
