@@ -27,7 +27,7 @@ The result is that of the inner optimizer applied to the full, dp-averaged gradi
 optimizers (SGD, Adam, AdamW) give the same parameters as the unsharded optimizer. A block-wise one
 (AdamW8bit) sees the flat buckets, padded so that every chunk holds whole quantization blocks: its blocks
 tile the buckets (they may span two parameters, and every parameter gets 8-bit state), the same for any
-dp size, so stage 1-3 at any dp equals stage 0. Global-norm clipping is `clip_grad_norm_` here,
+dp size, so for the same buckets stage 1-3 at any dp equals stage 0. Global-norm clipping is `clip_grad_norm_` here,
 computed on the shards.
 """
 
@@ -55,7 +55,6 @@ class _Bucket:
     ) -> None:
         self.params = params
         self.group_index = group_index
-        self.tp_sharded = tp_dim(params[0]) is not None
         self.device, self.dtype = params[0].device, params[0].dtype
         self.master_dtype = torch.promote_types(self.dtype, torch.float32)  # fp32, or fp64 for fp64 models
         self.offsets, offset = {}, 0
@@ -67,10 +66,18 @@ class _Bucket:
         self.padded = -(-offset // (world * align)) * world * align  # chunks hold whole `align` blocks
         self.chunk = self.padded // world
         self.start = rank * self.chunk
+        # Where this rank's chunk holds TP-sharded parameters (their norm is summed over tp as well).
+        self.sharded_ranges = []
+        for p in params:
+            lo = max(self.offsets[p], self.start)
+            hi = min(self.offsets[p] + p.numel(), self.start + self.chunk)
+            if tp_dim(p) is not None and lo < hi:
+                self.sharded_ranges.append((lo - self.start, hi - self.start))
         self.grad: torch.Tensor | None = None  # full fp32 accumulator, allocated on first use
         self.shard: torch.Tensor | None = None  # reduce-scatter output (NCCL, stage 2)
         self.pending = len(params)
         self.handle: dist.Work | None = None
+        self.drained = False  # reduced and folded into the master gradient this step
         self.folded: set[nn.Parameter] = set()
 
     def flat_params(self) -> torch.Tensor:
@@ -161,8 +168,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             current: list[nn.Parameter] = []
             for p in reversed(params):
                 same = not current or (
-                    (tp_dim(current[0]) is None) == (tp_dim(p) is None)
-                    and self._unit_of.get(current[0]) == self._unit_of.get(p)
+                    self._unit_of.get(current[0]) == self._unit_of.get(p)
                     and current[0].dtype == p.dtype
                     and current[0].device == p.device
                 )
@@ -216,29 +222,41 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     bucket.handle = dist.reduce_scatter_tensor(
                         bucket.shard, grad, group=self.group, async_op=True
                     )
-                else:  # stage 1, or gloo (no reduce-scatter): all-reduce and keep the chunk (same result)
+                else:  # stage 0/1, or gloo (whose reduce-scatter is slower than all-reduce): keep the chunk
                     bucket.handle = dist.all_reduce(grad, group=self.group, async_op=True)
             self._next_to_launch += 1
+            if self.stage >= 2 and self._next_to_launch >= 3:
+                self._drain(self._next_to_launch - 3)  # two reductions stay in flight, older ones are freed
+
+    def _drain(self, index: int) -> None:
+        """Wait for bucket `index`'s reduction, add this rank's chunk to its master gradient, and (stage
+        2-3) free the full bucket at once, so full gradients do not pile up during backward."""
+        bucket, master = self.buckets[index], self.masters[index]
+        if bucket.drained:
+            return
+        if bucket.handle is not None:
+            bucket.handle.wait()
+            bucket.handle = None
+        chunk = (
+            bucket.shard
+            if bucket.shard is not None
+            else bucket.grad[bucket.start : bucket.start + bucket.chunk]
+        )
+        master.grad.add_(chunk.to(master.device, non_blocking=True))
+        bucket.shard = None
+        if self.stage >= 2:
+            bucket.grad = None  # only the owner's shard is kept
+        else:
+            bucket.grad.zero_()
+        bucket.drained = True
 
     def _finish_reduction(self) -> None:
         for bucket in self.buckets:
             bucket.pending = 0  # parameters that got no gradient this step contribute zeros
         self._launch_ready()
-        for bucket, master in zip(self.buckets, self.masters, strict=True):
-            if bucket.handle is not None:
-                bucket.handle.wait()
-                bucket.handle = None
-            chunk = (
-                bucket.shard
-                if bucket.shard is not None
-                else bucket.grad[bucket.start : bucket.start + bucket.chunk]
-            )
-            master.grad.add_(chunk.to(master.device, non_blocking=True))
-            bucket.shard = None
-            if self.stage >= 2:
-                bucket.grad = None  # free the full bucket: only the owner's shard is kept
-            else:
-                bucket.grad.zero_()
+        for index, bucket in enumerate(self.buckets):
+            self._drain(index)
+            bucket.drained = False
             bucket.pending = len(bucket.params)
             bucket.folded.clear()
         self._next_to_launch = 0
@@ -263,16 +281,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
     ) -> torch.Tensor:
         """Global L2 norm of the reduced gradient: shards summed over dp, TP-sharded parameters summed
         over tp (replicated ones counted once), stages summed over pp."""
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
+        parts = []  # per bucket: (sum of squares of TP-sharded entries, of all entries), no host sync
         for bucket, master in zip(self.buckets, self.masters, strict=True):
-            sq = master.grad.double().pow(2).sum().cpu()
-            if bucket.tp_sharded:
-                sharded += sq
-            else:
-                replicated += sq
+            grad = master.grad
+            sharded = [grad[a:b].pow(2).sum(dtype=torch.float64) for a, b in bucket.sharded_ranges]
+            total = grad.pow(2).sum(dtype=torch.float64)
+            parts.append(
+                torch.stack([sum(sharded, torch.zeros((), dtype=torch.float64, device=grad.device)), total])
+            )
         device = self.buckets[0].device if self.buckets else torch.device("cpu")
-        both = torch.stack([sharded, replicated]).to(device)
+        sums = (
+            torch.stack(parts).sum(0).to(device)
+            if parts
+            else torch.zeros(2, dtype=torch.float64, device=device)
+        )
+        both = torch.stack([sums[0], sums[1] - sums[0]])  # (TP-sharded, replicated)
         if self.shards > 1:
             dist.all_reduce(both, group=self.group)
         if group_size(tp_group) > 1:
@@ -313,7 +336,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.sharding.write_back()
             return
         for bucket, master in zip(self.buckets, self.masters, strict=True):
-            flat = torch.empty(bucket.padded, dtype=bucket.master_dtype, device=bucket.device)
+            flat = torch.empty(
+                bucket.padded, dtype=bucket.dtype, device=bucket.device
+            )  # 16-bit if the model is
             mine = flat[bucket.start : bucket.start + bucket.chunk]
             mine.copy_(master, non_blocking=True)
             if self.shards > 1:

@@ -16,11 +16,17 @@ values. The optimizer step writes each rank's updated chunk; nothing is gathered
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+# The embedding unit's inputs are token ids: torch warns that its backward pre-hook fires with respect to
+# outputs only, which is exactly what the re-gather needs.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with")
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:

@@ -271,7 +271,7 @@ def _check_adamw8bit_sharding_is_invisible(stage: int) -> None:
         for s in (0, stage):  # stage 0: every rank holds the whole 8-bit state
             torch.manual_seed(1)
             model = MLATransformer(CONFIG, topo)
-            units = default_units(model) if s == 3 else None
+            units = default_units(model) if stage == 3 else None  # the same buckets for both
             opt = ZeroOptimizer(
                 model.parameters(),
                 AdamW8bit,
