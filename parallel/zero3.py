@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
 # The embedding unit's inputs are token ids: torch warns that its backward pre-hook fires with respect to
 # outputs only, which is exactly what the re-gather needs.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with")
