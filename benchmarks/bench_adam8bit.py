@@ -67,7 +67,7 @@ def third_party() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimi
     return found
 
 
-def step_times(threads: int, warmup: int, repeats: int) -> dict:
+def step_times(threads: int, warmup: int, repeats: int, with_compile: bool = True) -> dict:
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(SHAPE, generator=generator) * 0.1
@@ -76,8 +76,9 @@ def step_times(threads: int, warmup: int, repeats: int) -> dict:
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "ours AdamW8bit": lambda ps: AdamW8bit(ps),
-        "ours AdamW8bit compile=True": lambda ps: AdamW8bit(ps, compile=True),
     }
+    if with_compile:
+        makers["ours AdamW8bit compile=True"] = lambda ps: AdamW8bit(ps, compile=True)
     skipped = {}
     for name, maker in third_party().items():
         if isinstance(maker, str):
@@ -148,7 +149,9 @@ def main() -> None:
     args = parse_args("bench_adam8bit", __doc__.splitlines()[0])
     warmup, repeats = (1, 5) if args.quick else (3, 15)
     default_threads = torch.get_num_threads()
-    runs = [step_times(threads, warmup, repeats) for threads in dict.fromkeys([1, default_threads])]
+    # --quick: one thread and no compiled variant (its compilation alone takes seconds)
+    thread_counts = [1] if args.quick else list(dict.fromkeys([1, default_threads]))
+    runs = [step_times(threads, warmup, repeats, with_compile=not args.quick) for threads in thread_counts]
     torch.set_num_threads(default_threads)
     memory = state_memory()
 
