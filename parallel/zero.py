@@ -27,8 +27,9 @@ The result is that of the inner optimizer applied to the full, dp-averaged gradi
 optimizers (SGD, Adam, AdamW) give the same parameters as the unsharded optimizer. A block-wise one
 (AdamW8bit) sees the flat buckets, padded so that every chunk holds whole quantization blocks: its blocks
 tile the buckets (they may span two parameters, and every parameter gets 8-bit state), the same for any
-dp size, so for the same buckets stage 1-3 at any dp equals stage 0. Global-norm clipping is `clip_grad_norm_` here,
-computed on the shards.
+dp size, so for the same buckets stage 1-3 at any dp equals stage 0. For such an optimizer TP-sharded
+and replicated parameters never share a bucket, so replicated ones get identical blocks on every TP
+rank. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     self._unit_of.get(current[0]) == self._unit_of.get(p)
                     and current[0].dtype == p.dtype
                     and current[0].device == p.device
+                    and (self.align == 1 or (tp_dim(current[0]) is None) == (tp_dim(p) is None))
                 )
                 if current and (not same or sum(q.numel() for q in current) >= cap):
                     buckets.append(_Bucket(current, index, self.shards, self.shard_rank, self.align))
@@ -389,7 +391,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket, master in zip(self.buckets, self.masters, strict=True):
             state = self.inner.state.get(master, {})
             for name, value in state.items():
-                if not torch.is_tensor(value) or value.shape != master.shape:
+                if not torch.is_tensor(value) or not value.is_floating_point() or value.shape != master.shape:
                     continue
                 flat = torch.empty(bucket.padded, dtype=value.dtype, device=bucket.device)
                 mine = value.to(bucket.device)

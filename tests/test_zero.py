@@ -301,3 +301,28 @@ def _check_adamw8bit_sharding_is_invisible(stage: int) -> None:
 def test_adamw8bit_under_zero_equals_unsharded_8bit(stage):
     # chunks hold whole quantization blocks, so the blocks are the same for any dp: bit-exact
     run_distributed(2, _check_adamw8bit_sharding_is_invisible, stage)
+
+
+def _check_adamw8bit_keeps_replicated_parameters_identical_across_tp() -> None:
+    from parallel.adam8bit import AdamW8bit
+    from parallel.tensor_parallel import tp_dim
+
+    with grid(dp=2, tp=2) as topo:
+        torch.manual_seed(1)
+        model = MLATransformer(CONFIG, topo)
+        opt = ZeroOptimizer(model.parameters(), AdamW8bit, 1, topo.dp_group, lr=1e-2, min_8bit_size=256)
+        for batch in _batches(8)[:3]:
+            local = batch.chunk(2)[topo.dp_rank]
+            opt.zero_grad()
+            model.loss(local[:, :-1], local[:, 1:]).backward()
+            opt.step()
+        for name, p in model.named_parameters():
+            if tp_dim(p) is None:
+                copies = [torch.empty_like(p) for _ in range(2)]
+                dist.all_gather(copies, p.detach(), group=topo.tp_group)
+                assert torch.equal(copies[0], copies[1]), f"{name}: replicated parameter drifted across TP"
+
+
+def test_adamw8bit_under_zero_keeps_tp_replicas_identical():
+    # a quantization block must never mix TP-sharded and replicated elements
+    run_distributed(4, _check_adamw8bit_keeps_replicated_parameters_identical_across_tp)

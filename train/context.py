@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,10 @@ class RunContext:
                 f"{world}{hint}"
             )
         backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
-        topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, dist_cfg.timeout_s)
+        # long while starting (one rank may build the data while the others wait); the trainer sets
+        # `timeout_s` once the first step is done
+        timeout = max(dist_cfg.timeout_s, dist_cfg.startup_timeout_s)
+        topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, timeout)
         if topology.is_distributed:
             why = "torchrun environment (RANK/WORLD_SIZE set)"
             how = f"distributed: {world} ranks over {topology.backend}"
@@ -85,7 +89,12 @@ class RunContext:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error (once per world, from rank 0) and exit."""
+    """Print a one-line error (once per world, from rank 0) and exit.
+
+    The other ranks wait a moment before exiting: torchrun stops the whole world when the first process
+    exits, and rank 0 must have printed by then."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
     sys.exit(code)
