@@ -157,6 +157,7 @@ class PipelineExecutor:
                 if x is not None:
                     self._send(x.grad, s - 1, self._tag(GRADIENT, i, s))
             else:
+                self._exchange(None)  # post B's gradient send now, not after this W
                 started = time.perf_counter()
                 self.store.flush((i, s))
                 self.compute_seconds += time.perf_counter() - started
