@@ -1,6 +1,6 @@
 """Fine-tune a DeepSeek-format model with QLoRA: frozen 4-bit NF4 base weights, trainable LoRA adapters.
 
-    python examples/finetune_qlora.py                  # makes a small base model first (~2 min, 2-core CPU)
+    python examples/finetune_qlora.py                  # makes a small base model first (a few minutes)
     python examples/finetune_qlora.py --pretrained DIR [section.key=value ...]
     torchrun --standalone --nproc-per-node 2 examples/finetune_qlora.py --pretrained DIR distributed.tp=2
 
@@ -14,8 +14,8 @@ Step 2 fine-tunes it on another text (the standard library's `email` package) an
     python examples/train_mla.py model.pretrained=DIR data.tokenizer=DIR/tokenizer.json \\
         lora.enabled=true lora.quantize_base=nf4 lora.r=8 lora.alpha=16 data.corpus=... train.steps=...
 
-The targeted linears (by default the attention projections q_proj/q_b_proj, kv_b_proj, o_proj) have their
-weights quantized to NF4, each rank its own tensor-parallel shard, and frozen; only the adapters train.
+The targeted linears (here every linear of the decoder layers, as in the QLoRA paper) have their weights
+quantized to NF4, each rank its own tensor-parallel shard, and frozen; only the adapters train.
 The run writes `adapter/` in PEFT's layout (`peft.PeftModel.from_pretrained(base, DIR/adapter)` reads
 it), `final/` (the base with the adapters merged in) and the usual `metrics.jsonl`.
 """
@@ -50,7 +50,7 @@ BASE = [  # a ~1.3M-parameter MLA model, trained for a couple of minutes
     "model.intermediate_size=352",
     "model.max_seq_len=128",
     "data.vocab_size=2048",
-    "data.max_corpus_mb=2",
+    "data.max_corpus_mb=1",
     "train.steps=150",
     "train.eval_every=0",
     "train.sample_tokens=0",
@@ -60,8 +60,9 @@ FINETUNE = [
     "lora.quantize_base=nf4",
     "lora.r=8",
     "lora.alpha=16",
+    "lora.targets=[q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]",
     f"data.corpus={Path(sysconfig.get_paths()['stdlib']) / 'email'}",
-    "optim.lr=2e-3",
+    "optim.lr=5e-3",
     "optim.warmup_steps=5",
     "train.steps=60",
     "train.eval_every=20",

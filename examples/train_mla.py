@@ -11,13 +11,16 @@ import argparse
 import sys
 
 import yaml
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from models.config import MLAConfig
 from train.config import ConfigError, config_to_dict, load_config
 from train.context import fail
+from train.faults import NonFiniteError
 from train.trainer import train_once
 
 
+@record  # under torchrun, an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return None
         return train_once(config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         fail(str(error).splitlines()[0] if str(error) else repr(error))
 
 

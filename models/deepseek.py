@@ -371,6 +371,9 @@ def load_pretrained(
 
 
 def _is_extra_layer(name: str, config: MLAConfig) -> bool:
+    """MTP layers past num_hidden_layers, or a tied model's saved copy of the head: ignored."""
+    if config.tie_embeddings and name == "lm_head.weight":
+        return True
     match = re.match(r"model\.layers\.(\d+)\.", name)
     return match is not None and int(match.group(1)) >= config.num_layers
 

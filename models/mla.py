@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
 from parallel.collectives import copy_to_group, group_size
@@ -48,17 +49,26 @@ from parallel.zero_bubble import Linear
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
+
+    Under sequence parallelism (`sequence_parallel_group` set) each TP rank normalises its own slice of the
+    sequence, so its weight gradient covers only those tokens: the weight enters through `copy_to_group`,
+    which sums the gradient over the group and leaves it complete and identical on every rank.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.sequence_parallel_group: dist.ProcessGroup | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight
+        if self.sequence_parallel_group is not None:
+            weight = copy_to_group(weight, self.sequence_parallel_group)
+        return weight * x32.to(x.dtype)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -157,6 +167,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.scale = softmax_scale(config)
         self.dropout = config.dropout
+        self.recompute_core = False  # selective activation recompute (see _core)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -175,12 +186,24 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         # k_pe reaches the local heads without passing a column-parallel layer: sum its gradient here.
         k_pe = copy_to_group(k_pe, self.group).unsqueeze(1)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._core, q_nope, q_pe, k_nope, k_pe, v, positions, use_reentrant=False)
+        else:
+            out = self._core(q_nope, q_pe, k_nope, k_pe, v, positions)
+        out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
+        return self.o_proj(out)
 
+    def _core(self, q_nope, q_pe, k_nope, k_pe, v, positions) -> torch.Tensor:
+        """The attention core: RoPE, scores, softmax, dropout, weighted sum (batch, heads, seq, d_v).
+
+        It has no parameters; with `recompute_core` (selective recompute) only its inputs are kept for
+        backward and everything it builds (rotated keys and queries, softmax state) is recomputed."""
+        b, heads, s, _ = q_nope.shape
         q_pe = self.rotary(q_pe, positions)
         k_pe = self.rotary(k_pe, positions).expand(b, heads, s, self.d_rope)
         query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe], dim=-1)
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             query,
             key,
             v,
@@ -188,8 +211,6 @@ class MultiHeadLatentAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         )
-        out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
-        return self.o_proj(out)
 
     @torch.no_grad()
     def absorbed_kv_weight(self) -> torch.Tensor:

@@ -12,6 +12,28 @@ export and LoRA targets need no renaming.
 Initialisation is layout-independent: every parameter is drawn in full from a generator seeded by
 (seed, parameter name) and each TP rank keeps its shard, so one seed gives the same full weights for any
 (dp, tp). Norm weights start at one; everything else ~ N(0, init_std^2).
+
+Sequence parallelism (`set_sequence_parallel(True)`, tp > 1, training mode): between the TP regions the
+residual stream x is split along the sequence, rank r holding tokens [r s/tp, (r + 1) s/tp):
+
+    x_r = ReduceScatter(E[ids])                                   embedding: reduce-scatter, not all-reduce
+    h   = AllGather(RMSNorm(x_r))    backward: keep own chunk     attention sees the whole sequence
+    x_r = x_r + ReduceScatter(Attn_partial(h))                    o_proj: reduce-scatter, not all-reduce
+    h   = AllGather(RMSNorm(x_r))    backward: reduce-scatter     MLP input
+    x_r = x_r + ReduceScatter(MLP_partial(h))                     down_proj: reduce-scatter
+    logits = AllGather(RMSNorm(x_r)) W_head^T  backward: reduce-scatter
+
+so norms, residuals and dropout hold s/tp tokens per rank. The attention's input gradient is already
+complete on every rank (its replicated down-projections sit behind `copy_to_group`, as without SP), so its
+gather keeps the own chunk in backward; the MLP's and the head's inputs feed only sharded layers, so
+their gathers reduce-scatter the partial gradients. The replicated parameters used on sequence slices
+(the norm weights) sum their gradients over the group (`RMSNorm.sequence_parallel_group`). Everything
+else is the plain TP computation on the same numbers: the results equal tp without SP. In eval mode the
+plain TP path runs (nothing is kept for backward, and any sequence length works).
+
+Activation recompute (`set_activation_checkpointing`): "full" keeps only each decoder layer's input and
+recomputes the layer in backward; "selective" recomputes only the attention core (RoPE, scores, softmax,
+weighted sum; see `MultiHeadLatentAttention._core`); "none" keeps everything.
 """
 
 from __future__ import annotations
@@ -26,8 +48,15 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
 from models.mla import MultiHeadLatentAttention, RMSNorm
-from parallel.collectives import copy_to_group, gather_from_group
+from parallel.collectives import (
+    copy_to_group,
+    gather_from_group,
+    gather_from_sequence_parallel,
+    group_rank,
+    group_size,
+)
 from parallel.tensor_parallel import (
+    SEQUENCE_DIM,
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -37,6 +66,8 @@ from parallel.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from parallel.topology import Topology
+
+RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 class MLP(nn.Module):
@@ -53,9 +84,13 @@ class MLP(nn.Module):
             raise ValueError(
                 f"model.intermediate_size={inter} is not divisible by tp={self.gate_proj.tp_size}"
             )
+        self.sequence_parallel = False  # input split along the sequence (down_proj then reduce-scatters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.group)
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel(x, SEQUENCE_DIM, self.group)
+        else:
+            x = copy_to_group(x, self.group)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -67,10 +102,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, group)
         self.dropout = nn.Dropout(config.dropout)
+        self.group = group
+        self.sequence_parallel = False  # x arrives split along the sequence (see the module docstring)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), positions))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        h = self.input_layernorm(x)
+        if self.sequence_parallel:
+            h = gather_from_group(h, SEQUENCE_DIM, self.group)
+        x = x + self._dropout(self.self_attn(h, positions))
+        return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def _dropout(self, y: torch.Tensor) -> torch.Tensor:
+        p = self.dropout.p
+        if not (self.sequence_parallel and self.training and p > 0):
+            return self.dropout(y)
+        # Every TP rank draws the mask of the whole sequence from its (shared) RNG state and keeps its own
+        # slice, so that the masks of different slices are independent, as without SP.
+        tp = group_size(self.group)
+        full = (y.shape[0], y.shape[1] * tp, *y.shape[2:])
+        keep = torch.empty(full, device=y.device).bernoulli_(1 - p).chunk(tp, dim=1)[group_rank(self.group)]
+        return y * keep.to(y.dtype) / (1 - p)
 
     def forward_cached(
         self,
@@ -140,14 +191,23 @@ class MLABackbone(nn.Module):
         )
         if stage.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.activation_checkpointing = False
+        self.group = group
+        self.activation_checkpointing = "none"  # none | full | selective
+        self.sequence_parallel = False  # hidden states between layers are split along the sequence
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere."""
+        """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere (under
+        sequence parallelism: this rank's slice of the sequence, and so is the output)."""
+        tp = group_size(self.group) if self.sequence_parallel else 1
+        seq = inputs.shape[1] * (1 if self.stage.is_first else tp)
+        if seq % tp:
+            raise ValueError(
+                f"sequence length {seq} is not divisible by tp={tp} (distributed.sequence_parallel=true)"
+            )
         x = self.embed_tokens(inputs) if self.stage.is_first else inputs
-        positions = torch.arange(x.shape[1], device=x.device)
+        positions = torch.arange(seq, device=x.device)
         for layer in self.layers.values():
-            if self.activation_checkpointing and self.training:
+            if self.activation_checkpointing == "full" and self.training:
                 x = checkpoint(layer, x, positions, use_reentrant=False)
             else:
                 x = layer(x, positions)
@@ -181,6 +241,7 @@ class MLATransformer(nn.Module):
         tp_rank = topology.tp_rank if topology is not None else 0
         self.vocab_valid_local = max(0, min(local_vocab, config.vocab_size - tp_rank * local_vocab))
         self.tp_rank, self.tp_size = tp_rank, tp
+        self.sequence_parallel = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -206,9 +267,44 @@ class MLATransformer(nn.Module):
             local = full if dim is None else shard_tensor(full, dim, tp_rank, tp_size)
             param.copy_(local)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each decoder layer's activations in backward instead of storing them."""
-        self.model.activation_checkpointing = enabled
+    def set_activation_checkpointing(self, mode: str | bool) -> None:
+        """Activation recompute in backward: "none", "full" (each decoder layer) or "selective" (the
+        attention core only); `True` and `False` mean "full" and "none"."""
+        if isinstance(mode, bool):
+            mode = "full" if mode else "none"
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(
+                f"distributed.activation_checkpointing={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}"
+            )
+        self.model.activation_checkpointing = mode
+        for layer in self.model.layers.values():
+            layer.self_attn.recompute_core = mode == "selective"
+
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        """Split norms, residuals and dropout along the sequence inside TP regions (module docstring).
+
+        Applies in training mode only; call before `apply_lora` or after, either works."""
+        self.sequence_parallel = enabled and self.tp_size > 1
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MLATransformer:
+        super().train(mode)
+        active = self.sequence_parallel and mode
+        group = self.group if active else None
+        backbone = self.model
+        backbone.sequence_parallel = active
+        if self.stage.is_first:
+            backbone.embed_tokens.sequence_parallel = active
+        for layer in backbone.layers.values():
+            layer.sequence_parallel = layer.mlp.sequence_parallel = active
+            layer.self_attn.o_proj.sequence_parallel = layer.mlp.down_proj.sequence_parallel = active
+            layer.input_layernorm.sequence_parallel_group = group
+            layer.post_attention_layernorm.sequence_parallel_group = group
+        if self.stage.is_last:
+            backbone.norm.sequence_parallel_group = group
+            if self.lm_head is not None:
+                self.lm_head.sequence_parallel = active
+        return self
 
     def forward(self, inputs: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
         """Logits (batch, seq, vocab / tp) on this rank's vocabulary slice, or the full vocabulary if
@@ -232,6 +328,9 @@ class MLATransformer(nn.Module):
         padding masked to -inf, or the full vocabulary if gathered."""
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
+        elif self.model.sequence_parallel:
+            hidden = gather_from_sequence_parallel(hidden, SEQUENCE_DIM, self.group)
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = F.linear(copy_to_group(hidden, self.group), self.model.embed_tokens.weight)
         if self.vocab_valid_local < logits.shape[-1]:

@@ -15,15 +15,20 @@ dynamic map, v with the unsigned one, one fp32 absmax per block of `block_size` 
 (norms, biases) keep fp32 moments (`exp_avg`, `exp_avg_sq`) and follow torch's foreach AdamW exactly.
 
 State per 8-bit parameter: `step` (float32 scalar on the CPU, as torch), `state1`/`state2` (uint8 codes of
-the flattened parameter zero-padded to whole blocks: blocks never straddle parameters, so under ZeRO they
-live inside each shard) and `absmax1`/`absmax2` (fp32, one per block).
+the flattened parameter zero-padded to whole blocks: blocks never straddle the tensors the optimizer is
+given, so as ZeRO's inner optimizer they live inside each shard) and `absmax1`/`absmax2` (fp32, one per
+block).
 
 Vectorisation: the 8-bit parameters of a group are laid end to end (each padded to whole blocks) and
 processed in chunks of about 2^18 values on CPU (2^24 on GPU): small parameters share a chunk, large ones
-span several. Each chunk is a fixed sequence of whole-tensor operations, so the Python cost is per chunk,
-never per block, and the fp32 temporaries stay cache-sized and bounded whatever the model size. With
-`compile=True` the chunk function goes through `torch.compile` (dynamic shapes: compiled once, not per
-chunk size or learning rate); if compilation fails the optimizer warns once and runs eagerly.
+span several. Each chunk is a fixed sequence of about 20 whole-tensor operations (m and v stacked, so
+they are decoded and encoded together; rounding by table lookup, see parallel.quant), so the Python cost
+is per chunk, never per block, and the fp32 temporaries stay cache-sized and bounded whatever the model
+size. With `compile=True` the chunk function goes through `torch.compile`, compiled on first use for each
+distinct chunk size (typically two or three), never again for a new learning rate or step; if
+compilation fails the optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md
+the compiled kernel is no faster than the eager one (its table lookups do not vectorise), so eager is
+the default.
 
 Non-finite gradients: before anything is modified, the step checks every gradient of every group; if any
 holds a NaN or an infinity the *whole step* is skipped (no parameter, moment or step count changes, as a
@@ -56,7 +61,7 @@ class MomentTables:
     """The two code books side by side, so that m and v are decoded and encoded by the same operations:
     `code` holds the signed map then the unsigned one (512 values), `cell_code`/`cell_threshold` the
     signed map's 65,536 cells then the unsigned map's (see parallel.quant.RoundingTables), each rotated
-    by 32,768 so that the top 16 bits of a float read as a *signed* int16, plus 32,768, index them."""
+    by 32,768 so that the top 16 bits of a float read as a *signed* number, plus 32,768, index them."""
 
     code: torch.Tensor
     cell_code: torch.Tensor
@@ -79,34 +84,42 @@ def adamw8bit_chunk(
     codes2: torch.Tensor,
     absmax2: torch.Tensor,
     tables: MomentTables,
-    beta1: float,
-    beta2: float,
-    eps: float,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float | torch.Tensor,
     bias_correction2_sqrt: float | torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """One AdamW step on a chunk of whole blocks: all tensors flat, g zero in the padding.
 
     Returns (u, codes1, absmax1, codes2, absmax2): the new quantized moments and the update direction
     u = m / (sqrt(v) / sqrt(1 - beta2^t) + eps), to be applied as p -= lr / (1 - beta1^t) * u.
-    `bias_correction2_sqrt` is a scalar or one value per block, shape (n_blocks, 1). m and v travel
+    `bias_correction2_sqrt` is a scalar or one value per block, shape (n_blocks, 1). Scalars are numbers
+    (eager) or 0-d tensors (compiled, so that new values do not recompile). m and v travel
     stacked, shape (2, n_blocks, B), through decoding, absmax and encoding (half the operations).
     """
     n_blocks = absmax1.numel()
     g = g.view(n_blocks, -1)
     codes = torch.stack([codes1.view(n_blocks, -1), codes2.view(n_blocks, -1)])
     absmax = torch.stack([absmax1, absmax2]).unsqueeze(2)
-    offsets = torch.tensor([0, 256], device=g.device).view(2, 1, 1)
-    moments = tables.code.index_select(0, (codes + offsets).view(-1)).view(codes.shape).mul_(absmax)
+    index = codes.long()
+    index[1] += 256  # the unsigned map follows the signed one in `tables.code`
+    moments = tables.code.index_select(0, index.view(-1)).view(codes.shape).mul_(absmax)
     m, v = moments[0], moments[1]
     m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if torch.is_tensor(beta2):  # the compiled path passes 0-d tensors; addcmul_ takes a number only
+        v.mul_(beta2).add_(g * g * (1 - beta2))
+    else:
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     u = m / v.sqrt().div_(bias_correction2_sqrt).add_(eps)
     new_absmax = moments.abs().amax(dim=2)
     scale = torch.where(new_absmax > 0, new_absmax, torch.ones_like(new_absmax)).unsqueeze(2)
     normalized = moments.div_(scale)
-    # top 16 bits of each float32 (the high half of the little-endian word) as int16, shifted into the
-    # rotated tables of the signed (m) and unsigned (v) maps
-    cell = (normalized.view(torch.int16)[..., 1::2] + (offsets * 256 + 32768)).view(-1)
+    # the top 16 bits of each float32, as a signed number (arithmetic shift), shifted into the rotated
+    # tables of the signed (m) and unsigned (v) maps
+    cell = normalized.view(torch.int32) >> 16
+    cell[0] += 32768
+    cell[1] += 32768 + 65536
+    cell = cell.view(-1)
     new_codes = tables.cell_code.index_select(0, cell).view(codes.shape)
     new_codes.add_(normalized > tables.cell_threshold.index_select(0, cell).view(codes.shape))
     return u.view(-1), new_codes[0].view(-1), new_absmax[0], new_codes[1].view(-1), new_absmax[1]
@@ -276,8 +289,7 @@ class AdamW8bit(torch.optim.Optimizer):
         tables = self._tables.get(device) or self._tables.setdefault(device, MomentTables.build(device))
         step_size, bias_correction2_sqrt = self._scalars(group, params)
         per_param = {id(p): (s, b) for p, s, b in zip(params, step_size, bias_correction2_sqrt, strict=True)}
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        decay = 1 - group["lr"] * group["weight_decay"]
         kernel = self._chunk_kernel()
         for chunk in self._plan(params, block_size, device):
             g, codes1, absmax1, codes2, absmax2 = self._gather(chunk, block_size)
@@ -292,7 +304,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 g, codes1, absmax1, codes2, absmax2, tables, beta1, beta2, group["eps"], chunk_bias2
             )
             self._scatter(chunk, block_size, new_state)
-            self._apply(chunk, block_size, u, [s for s, _ in scalars])
+            self._apply(chunk, block_size, u, [s for s, _ in scalars], decay)
 
     def _chunk_kernel(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._kernel is None:
@@ -337,8 +349,10 @@ class AdamW8bit(torch.optim.Optimizer):
             offset += blocks
 
     @staticmethod
-    def _apply(chunk: list[_Piece], block_size: int, u: torch.Tensor, step_size: list[float]) -> None:
-        """p -= step_size * u on each piece's real (unpadded) elements."""
+    def _apply(
+        chunk: list[_Piece], block_size: int, u: torch.Tensor, step_size: list[float], decay: float
+    ) -> None:
+        """p = p * decay - step_size * u on each piece's real (unpadded) elements, while they are in cache."""
         weights, updates, offset = [], [], 0
         for piece in chunk:
             p = piece.param
@@ -347,6 +361,8 @@ class AdamW8bit(torch.optim.Optimizer):
             weights.append(p.view(-1)[start:end])
             updates.append(u[offset : offset + end - start])
             offset += (piece.end_block - piece.first_block) * block_size
+        if decay != 1:
+            torch._foreach_mul_(weights, decay)
         # one call per distinct step size, so that a parameter's arithmetic never depends on its neighbours
         for size in dict.fromkeys(step_size):
             chosen = [i for i, s in enumerate(step_size) if s == size]
@@ -402,17 +418,24 @@ class AdamW8bit(torch.optim.Optimizer):
 
 
 class _CompiledKernel:
-    """`adamw8bit_chunk` through torch.compile (dynamic shapes), with a loud, one-time eager fallback."""
+    """`adamw8bit_chunk` through torch.compile, with a loud, one-time eager fallback.
+
+    Static shapes: one compilation per distinct chunk size (the full chunk and each group's last one),
+    because on CPU the dynamic-shape kernel measured 5x slower than the static one. Learning rate and
+    step enter as unspecialised floats and never recompile."""
 
     def __init__(self) -> None:
         self.compiled: Callable[..., tuple[torch.Tensor, ...]] | None = torch.compile(
-            adamw8bit_chunk, dynamic=True
+            adamw8bit_chunk, dynamic=False
         )
 
     def __call__(self, *args) -> tuple[torch.Tensor, ...]:
         if self.compiled is not None:
+            # scalars as 0-d tensors: graph inputs, not constants baked into the graph
+            device = args[0].device
+            scalars = [a if torch.is_tensor(a) else torch.tensor(a, device=device) for a in args[6:]]
             try:
-                return self.compiled(*args)
+                return self.compiled(*args[:6], *scalars)
             except Exception as error:  # noqa: BLE001 - any compiler failure: report it and go eager
                 warnings.warn(
                     f"AdamW8bit(compile=True): torch.compile failed ({type(error).__name__}: {error}); "

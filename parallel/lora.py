@@ -138,6 +138,17 @@ class NF4Linear(nn.Module):
             bias.requires_grad_(False)
         self.bias = bias
 
+    def _apply(self, fn, recurse=True):
+        """Casting the module (`.to(torch.bfloat16)`, `.half()`) leaves the codes and scales as they are:
+        only their device follows. The weight is decoded in whatever dtype each use needs."""
+        kept = {name: self._buffers.pop(name) for name in NF4_FIELDS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                self._buffers[name] = None if t is None else t.to(fn(t.new_empty(0)).device)
+        return self
+
     @property
     def quantized(self) -> NF4Tensor:
         return NF4Tensor(
@@ -293,11 +304,10 @@ class LoRALinear(nn.Module):
             if not self.merged:
                 u = F.linear(self.lora_dropout(x), self.lora_A.weight)
                 y = y + self.scaling * F.linear(u, copy_to_group(self.lora_B.weight, group))
-            y = (
-                reduce_scatter_to_group(y, SEQUENCE_DIM, group)
-                if self.sequence_parallel
-                else (reduce_from_group(y, group))
-            )
+            if self.sequence_parallel:
+                y = reduce_scatter_to_group(y, SEQUENCE_DIM, group)
+            else:
+                y = reduce_from_group(y, group)
             return y if bias is None else y + bias.to(y.dtype)
         if self.kind == "column":
             if self.sequence_parallel:

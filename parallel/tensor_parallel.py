@@ -195,15 +195,22 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (the vocabulary) are split in contiguous ranges over the TP group.
 
     Each rank looks up the ids in its range, writes zeros elsewhere, and one all-reduce sums the partial
-    lookups into the full, replicated embedding. Ids outside [0, num_embeddings) are an error.
+    lookups into the full, replicated embedding. With `sequence_parallel=True` the sum is a reduce-scatter
+    along the sequence instead: each rank gets the full embedding of its slice of the sequence. Ids outside
+    [0, num_embeddings) are an error.
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.group = group
+        self.sequence_parallel = sequence_parallel
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         self.local_rows = shard_size(num_embeddings, self.tp_size)
         self.vocab_start = self.tp_rank * self.local_rows
@@ -224,6 +231,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.local_rows)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_group(out, SEQUENCE_DIM, self.group)
         return reduce_from_group(out, self.group)
 
     def extra_repr(self) -> str:

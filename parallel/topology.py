@@ -188,6 +188,9 @@ def init_distributed(
     if not dist.is_initialized():
         chosen = backend or ("nccl" if use_cuda else "gloo")
         kwargs = {"device_id": device} if chosen == "nccl" else {}
+        store = _attempt_store(rank, world_size, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(chosen, timeout=timeout, **kwargs)
         owns_world = True
     topo = Topology(
@@ -209,6 +212,25 @@ def init_distributed(
                 setattr(topo, f"{attr}_group", group)
                 setattr(topo, f"{attr}_ranks", ranks)
     return topo
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with this attempt's keys apart from earlier attempts'.
+
+    torchrun's c10d rendezvous shares one TCPStore across worker restarts (`--max-restarts`) without
+    separating the attempts (pytorch/pytorch#135712), so a restarted worker may read a dead worker's
+    address and fail to connect. Prefixing every key with TORCHELASTIC_RESTART_COUNT keeps each attempt
+    clean. None outside torchrun (or without MASTER_ADDR/MASTER_PORT): plain env:// initialisation.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    from torch.distributed.rendezvous import _create_c10d_store  # what env:// uses; agent store aware
+
+    store = _create_c10d_store(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, timeout
+    )
+    return dist.PrefixStore(f"mla-parallel/attempt-{attempt}/default_pg", store)
 
 
 def destroy_distributed(topology: Topology | None = None) -> None:

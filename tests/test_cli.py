@@ -103,6 +103,16 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
     (1, 2, 2, ["distributed.zero_stage=2", "distributed.pp_schedule=zb1p", "train.micro_batch_size=2"]),
     (2, 1, 1, ["distributed.zero_stage=3", "distributed.activation_checkpointing=true"]),
     (1, 1, 1, ["train.compile=true", "train.compile_backend=eager"]),  # tracing only: inductor is slow on CPU
+    (  # sequence-sharded hidden states between pipeline stages; selective recompute
+        1,
+        2,
+        2,
+        [
+            "distributed.sequence_parallel=true",
+            "distributed.activation_checkpointing=selective",
+            "train.micro_batch_size=2",
+        ],
+    ),
 ]
 
 
@@ -177,7 +187,6 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
         ("data.seq_len=128", ["data.seq_len=128", "model.max_seq_len=64"]),
         ("model.vocab_size=300", ["model.vocab_size=300", "token id"]),
         ("distributed.dp=2", ["dp*tp*pp", "world size 1"]),
-        ("distributed.sequence_parallel=true", ["distributed.sequence_parallel=True", "not supported yet"]),
         ("distributed.num_microbatches=3", ["distributed.num_microbatches=3", "does not divide"]),
     ],
 )

@@ -6,7 +6,11 @@ summation order differs (TP sums over ranks, a merged W + sBA against W x + s B 
 """
 
 import json
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +179,9 @@ def test_nf4_linear_equals_a_linear_on_the_dequantized_weight():
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y_ref, rtol=2e-2, atol=2e-2)  # bf16 ladder rung
+    layer.to(torch.bfloat16)  # a 16-bit model: the scales must not be rounded to bf16
+    assert layer.absmax_scale.dtype == torch.float32 and torch.equal(layer.dequantize(torch.float32), dense)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_adapter_round_trip_and_peft_layout(tmp_path):
@@ -213,8 +220,6 @@ def test_adapter_round_trip_and_peft_layout(tmp_path):
 def test_peft_reads_our_adapter_onto_the_transformers_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from pathlib import Path
-
     from models.deepseek import load_pretrained
 
     folder = Path(__file__).parent / "fixtures" / "deepseek_v3_q_lora"
@@ -341,3 +346,76 @@ def _check_tp_qlora() -> None:
 
 def test_tensor_parallel_qlora_shards_then_quantizes():
     run_distributed(2, _check_tp_qlora)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+CLI_MODEL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    intermediate_size=128,
+    max_seq_len=64,
+)
+CLI_RUN = [
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "data.max_corpus_mb=0.3",
+    "train.global_batch_size=4",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "optim.warmup_steps=0",
+]
+
+
+def _run_cli(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    launcher = (
+        [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    )
+    launcher += [] if nproc == 1 else [f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, str(root / "examples" / "train_mla.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+
+
+def test_cli_fine_tunes_a_pretrained_folder_with_qlora_under_tp(tmp_path):
+    from models.deepseek import save_pretrained
+
+    torch.manual_seed(3)
+    save_pretrained(MLATransformer(MLAConfig(**CLI_MODEL)), tmp_path / "base")
+    common = [*CLI_RUN, f"data.cache_dir={tmp_path / 'cache'}", f"model.pretrained={tmp_path / 'base'}"]
+    lora = ["lora.enabled=true", "lora.quantize_base=nf4", "lora.r=4", "lora.targets=[q_b_proj,o_proj]"]
+    out = tmp_path / "run"
+    result = _run_cli([*common, *lora, "distributed.tp=2", f"train.out_dir={out}"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 2 * 2 and adapter[
+        f"{PEFT_PREFIX}model.layers.1.self_attn.o_proj.lora_A.weight"
+    ].shape == (4, 64)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
+        "o_proj",
+        "q_b_proj",
+    ]
+    base, final = (
+        load_file(tmp_path / "base" / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
+    assert base.keys() == final.keys()
+    for name in base:  # frozen and untargeted: bit-identical; targeted: NF4-decoded base + trained s B A
+        targeted = name.endswith(("q_b_proj.weight", "o_proj.weight"))
+        assert torch.equal(base[name], final[name]) != targeted, name
+
+    bad = _run_cli([*common, "model.hidden_size=32", f"train.out_dir={tmp_path / 'bad'}"], nproc=1)
+    assert bad.returncode != 0
+    assert "model.hidden_size=32: the pretrained model" in bad.stderr and "has hidden_size=64" in bad.stderr

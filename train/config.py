@@ -57,9 +57,10 @@ class DistributedConfig:
     virtual_stages: int = 1
     pp_layers: list[int] | None = None  # layers per (virtual) stage; None = balanced split
     offload_optimizer: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective (true/false: full/none)
     bucket_cap_mb: float = 25.0
     timeout_s: float = 600.0
+    startup_timeout_s: float = 1800.0  # collective timeout until the first step is done
 
 
 @dataclass
@@ -89,12 +90,15 @@ class TrainConfig:
     save_every: int = 0
     out_dir: str = "runs/default"
     resume: str = "never"  # never | auto | a path
+    keep_last: int = 3  # checkpoints kept (>= 2)
+    on_nonfinite: str = "raise"  # raise | skip: a NaN/inf loss or gradient norm
     sample_tokens: int = 48  # tokens generated at the end (0 disables)
     sample_prompt: str = "def "
     curriculum_start_seq_len: int | None = None  # sequence-length warm-up from this length (null: off)
     curriculum_steps: int = 0  # steps over which the length grows to data.seq_len
     curriculum_constant_tokens: bool = True  # more, shorter sequences early (else fewer tokens early)
     max_loss: float | None = None  # stop when a logged train loss is NaN/inf or above this (null: never)
+    mem_warn_fraction: float = 0.9  # warn when memory in use exceeds this fraction of the device's
     compile: bool = False  # torch.compile each decoder layer's forward
     compile_backend: str = "inductor"  # torch.compile backend ("eager" checks tracing only)
     peak_tflops: float | None = None  # per-device peak for MFU (null: from the GPU's preset, if known)
@@ -163,6 +167,8 @@ RULES: dict[str, Rule] = {
     "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
     "distributed.bucket_cap_mb": _POSITIVE,
     "distributed.timeout_s": _POSITIVE,
+    "distributed.startup_timeout_s": _POSITIVE,
+    "distributed.activation_checkpointing": _one_of("none", "full", "selective"),
     "optim.name": _one_of("adamw", "adamw8bit"),
     "optim.lr": _POSITIVE,
     "optim.min_lr": _at_least(0),
@@ -181,10 +187,13 @@ RULES: dict[str, Rule] = {
     "train.eval_every": _at_least(0),
     "train.eval_batches": _at_least(1),
     "train.save_every": _at_least(0),
+    "train.keep_last": _at_least(2),
+    "train.on_nonfinite": _one_of("raise", "skip"),
     "train.sample_tokens": _at_least(0),
     "train.curriculum_start_seq_len": _at_least(1),
     "train.curriculum_steps": _at_least(0),
     "train.max_loss": _POSITIVE,
+    "train.mem_warn_fraction": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
     "train.compile_backend": _one_of("inductor", "eager", "aot_eager"),
     "train.peak_tflops": _POSITIVE,
     "lora.r": _at_least(1),
@@ -192,6 +201,12 @@ RULES: dict[str, Rule] = {
     "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),
     "lora.targets": (bool, "at least one module name"),
     "lora.quantize_base": _one_of("nf4"),
+}
+
+
+# Keys that used to be booleans: true/false still accepted, as these values.
+BOOL_ALIASES: dict[str, dict[bool, str]] = {
+    "distributed.activation_checkpointing": {True: "full", False: "none"},
 }
 
 
@@ -290,6 +305,8 @@ def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]
         if key not in hints:
             raise _unknown("key", f"{name}.", key, list(hints))
         dotted = f"{name}.{key}"
+        if isinstance(value, bool) and dotted in BOOL_ALIASES:
+            value = BOOL_ALIASES[dotted][value]
         typed = _convert(value, hints[key])
         if typed is _INVALID:
             raise ConfigError(f"{dotted}={value!r}: expected {_describe(hints[key])}")

@@ -21,7 +21,6 @@ from models.transformer import MLATransformer
 from parallel.collectives import group_size
 from parallel.data_parallel import DataParallel
 from parallel.pipeline import PipelineExecutor
-from parallel.tensor_parallel import full_tensor
 from parallel.topology import Topology
 from parallel.zero import ZeroOptimizer
 
@@ -55,9 +54,20 @@ class ModelRunner:
         self.precision = precision
         self.config = next(iter(chunks.values())).config
         self.pipelined = topology.pp_size > 1 or len(chunks) > 1
+        self.pp_schedule, self.virtual_stages = pp_schedule, virtual_stages
+        # under sequence parallelism the hidden states between stages are this rank's slice of the sequence
+        self.sequence_shards = topology.tp_size if next(iter(chunks.values())).sequence_parallel else 1
         self.executor = None
         if self.pipelined:
             self.executor = PipelineExecutor(chunks, topology, pp_schedule, num_microbatches, virtual_stages)
+
+    def set_micro_batches(self, micro_batch_size: int, num_microbatches: int) -> None:
+        """Split each step's rows differently from now on (the same rows: the same loss and gradients)."""
+        self.mbs, self.m = micro_batch_size, num_microbatches
+        if self.pipelined:
+            self.executor = PipelineExecutor(
+                self.chunks, self.topology, self.pp_schedule, num_microbatches, self.virtual_stages
+            )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         for chunk in self.chunks.values():
@@ -106,7 +116,7 @@ class ModelRunner:
             total = self.executor.step(
                 [mb[:, :-1] for mb in micro],
                 [mb[:, 1:] for mb in micro],
-                self._activation_shape(micro[0].shape[0], micro[0].shape[1] - 1),
+                self._activation_shape(micro[0].shape[0], (micro[0].shape[1] - 1) // self.sequence_shards),
                 self.param_dtype,
                 loss_scale=loss_scale / len(micro),
             )
@@ -201,17 +211,3 @@ class ModelRunner:
             ids.append(int(token))
         self._train_mode(True)
         return ids
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter in full (TP-gathered, all pipeline stages), on CPU; complete on global rank 0."""
-        topo = self.topology
-        local = {
-            name: full_tensor(p, topo.tp_group).cpu().contiguous()
-            for chunk in self.chunks.values()
-            for name, p in chunk.named_parameters()
-        }
-        if group_size(topo.pp_group) == 1:
-            return local
-        parts = [None] * topo.pp_size
-        dist.all_gather_object(parts, local, group=topo.pp_group)
-        return {name: t for part in parts for name, t in part.items()}

@@ -32,18 +32,17 @@ from parallel.loss_scaler import DynamicLossScaler
 from parallel.topology import Topology
 from parallel.zero import ZeroOptimizer
 from parallel.zero3 import default_units
+from train.checkpointing import Checkpointer, restart_metrics
 from train.config import Config, ConfigError, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
+from train.faults import StepGuard, inject, set_collective_timeout
 from train.flops import flops_per_token
+from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
 from train.runner import ModelRunner
 from train.schedules import curriculum_at, learning_rate
 
-NOT_YET = {
-    "distributed.sequence_parallel": (lambda c: c.distributed.sequence_parallel, "sequence parallelism"),
-    "train.resume": (lambda c: c.train.resume != "never", "resuming from checkpoints"),
-    "train.save_every": (lambda c: c.train.save_every > 0, "periodic checkpoints"),
-}
+NOT_YET: dict = {}  # "section.key": (is_set(config), "feature name") for options not landed yet
 
 
 def check_supported(config: Config) -> None:
@@ -63,6 +62,11 @@ def check_supported(config: Config) -> None:
         )
     if dc.zero_stage == 3 and config.model.get("tie_embeddings"):
         raise ConfigError("model.tie_embeddings=true with distributed.zero_stage=3 is not supported")
+    if dc.sequence_parallel and config.data.seq_len % (dc.tp or 1):
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len}: sequence parallelism splits the sequence over "
+            f"distributed.tp={dc.tp} ranks, so it must be divisible by it"
+        )
 
 
 def model_config(config: Config, dataset: Dataset) -> MLAConfig:
@@ -221,10 +225,11 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> dict[int
                 seed=config.train.seed,
                 require_match=False,
             )
-        chunk = chunk.to(topology.device)
         if config.train.precision in ("bf16", "fp16"):  # 16-bit weights; fp32 masters in ZeroOptimizer
             chunk = chunk.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
+        chunk = chunk.to(topology.device)  # after the cast: the fp32 model never occupies the GPU
         chunk.set_activation_checkpointing(config.distributed.activation_checkpointing)
+        chunk.set_sequence_parallel(config.distributed.sequence_parallel)
         if config.train.compile:  # each layer's forward; hooks (ZeRO-3, pipeline) stay outside the graph
             for layer in chunk.model.layers.values():
                 layer.forward = torch.compile(layer.forward, backend=config.train.compile_backend)
@@ -259,13 +264,14 @@ def train_once(config: Config, context: RunContext | None = None) -> dict:
     own_context = context is None
     context = context or RunContext.from_config(config)
     try:
-        return _train(config, context)
+        with StepGuard(context.topology, config.train.on_nonfinite) as guard:  # SIGTERM, NaN/inf
+            return _train(config, context, guard)
     finally:
         if own_context:
             context.close()
 
 
-def _train(config: Config, context: RunContext) -> dict:
+def _train(config: Config, context: RunContext, guard: StepGuard) -> dict:
     topo, device, tc = context.topology, context.device, config.train
     random.seed(tc.seed)
     np.random.seed(tc.seed)
@@ -313,7 +319,10 @@ def _train(config: Config, context: RunContext) -> dict:
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(resolved, out_dir / "config.yaml")
-        (out_dir / "metrics.jsonl").write_text("")
+    checkpoints = Checkpointer(config, resolved, context, chunks, optimizer, scaler)
+    resumed = checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: a fresh start
+    monitor = MemoryMonitor(device, tc.mem_warn_fraction)  # mem_* fields at every logged step
+    recovery = OOMRecovery(runner, optimizer, context.log, lambda: oom_explanation(resolved, mcfg, topo))
     context.log(
         f"model: {mcfg.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
         f"{mcfg.num_layers} layers; batch {tc.global_batch_size} x {seq_len} tokens = "
@@ -335,24 +344,34 @@ def _train(config: Config, context: RunContext) -> dict:
 
     def record(entry: dict) -> None:
         if context.is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+            finite = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()
+            }
+            with metrics_file.open("a") as f:  # strict JSON: a non-finite value is written as null
+                f.write(json.dumps(finite) + "\n")
 
     curriculum = tc.curriculum_start_seq_len is not None
-    tokens_done = tokens_at_last_log = 0
+    start_step = done = resumed.step if resumed else 0
+    tokens_done = tokens_at_last_log = resumed.tokens if resumed else 0
     stop_reason = None
     start = last_log_time = time.perf_counter()
-    last_log_step = 0
+    last_log_step = resumed.last_log_step if resumed else 0
     loss_sum = torch.zeros((), device=device)
-    history, val_history = [], []
-    initial = runner.evaluate(val_windows)
-    val_history.append({"step": 0, "split": "val", "loss": initial, "perplexity": math.exp(min(initial, 50))})
-    record(val_history[0])
-    context.log(
-        f"val_loss {initial:.4f} | val_ppl {val_history[0]['perplexity']:.2f} | step 0 (before training)"
-    )
+    if resumed and resumed.loss_sum is not None:  # the same layout's logging window, exactly
+        loss_sum.fill_(resumed.loss_sum)
+    guard.skipped = list(resumed.skipped) if resumed else []
+    history, val_history = restart_metrics(metrics_file, resumed, context.is_main)
+    if resumed is None:
+        initial = runner.evaluate(val_windows)
+        val_history.append(
+            {"step": 0, "split": "val", "loss": initial, "perplexity": math.exp(min(initial, 50))}
+        )
+        record(val_history[0])
+        context.log(
+            f"val_loss {initial:.4f} | val_ppl {val_history[0]['perplexity']:.2f} | step 0 (before training)"
+        )
     start = last_log_time = time.perf_counter()
-    for step in range(tc.steps):
+    for step in range(start_step, tc.steps):
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -362,26 +381,32 @@ def _train(config: Config, context: RunContext) -> dict:
             sampler.local_batch(step, topo.dp_rank, topo.dp_size, seq_len=step_len, batch_size=step_rows)
         )
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-        if scaler is None:
-            loss_sum += runner.train_step(batch)
+        if scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
+            step_loss = recovery.train_step(step + 1, batch)
         else:
-            loss_sum += runner.train_step(batch, scaler.scale)
+            step_loss = recovery.train_step(step + 1, batch, scaler.scale)
             zero.scale_grads(1.0 / scaler.scale)
+        step_loss = inject(step + 1, step_loss, runner.parameters(), zero)  # MLA_FAULT_* (tests)
         if zero is not None:
             grad_norm = zero.clip_grad_norm_(tc.grad_clip, topo.tp_group, topo.pp_group)
         else:
             grad_norm = clip_grad_norm_(runner.parameters(), tc.grad_clip, topo.tp_group, topo.pp_group)
-        if scaler is None or not scaler.update(grad_norm.item()):  # fp16: skip a step with inf/NaN grads
-            optimizer.step()
+        if not guard.skip_step(step + 1, step_loss, grad_norm, check_grad_norm=scaler is None):
+            loss_sum += step_loss
+            if scaler is None or not scaler.update(grad_norm.item()):  # fp16: skip a step with inf/NaN grads
+                optimizer.step()
         optimizer.zero_grad(set_to_none=False)
+        if step == start_step:
+            set_collective_timeout(topo, config.distributed.timeout_s)  # start-up is over
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
-            mean_loss = runner.reduce_loss(loss_sum).item() / (done - last_log_step)
+            counted = done - last_log_step - guard.skipped_since(last_log_step)
+            mean_loss = runner.reduce_loss(loss_sum).item() / counted if counted else math.nan
             now = time.perf_counter()
             tokens_per_s = (tokens_done - tokens_at_last_log) / (now - last_log_time)
             elapsed = now - start
-            eta = elapsed / done * (tc.steps - done)
+            eta = elapsed / (done - start_step) * (tc.steps - done)
             entry = {
                 "step": done,
                 "loss": mean_loss,
@@ -395,18 +420,27 @@ def _train(config: Config, context: RunContext) -> dict:
                 entry["seq_len"] = step_len
             if scaler is not None:
                 entry["loss_scale"], entry["skipped_steps"] = scaler.scale, scaler.skipped_steps
+            if tc.on_nonfinite == "skip":
+                entry["skipped_nonfinite"] = len(guard.skipped)
             tflops = tokens_per_s * flops_per_token(mcfg, step_len) / topo.world_size / 1e12
             entry["tflops_per_device"] = tflops
             if tc.peak_tflops:
                 entry["mfu"] = tflops / tc.peak_tflops
+            memory = monitor.sample()
+            entry.update(memory)
+            if recovery.retries:
+                entry["micro_batch_size"], entry["oom_retries"] = runner.mbs, recovery.retries
             record(entry)
             history.append(entry)
             context.log(
                 f"step {done:>6}/{tc.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad-norm "
                 f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device | "
                 + (f"MFU {entry['mfu']:.1%} | " if "mfu" in entry else "")
+                + f"{monitor.describe(memory)} | "
                 + f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
             )
+            if monitor.warning(memory):
+                context.log(monitor.warning(memory))
             loss_sum.zero_()
             last_log_step, last_log_time, tokens_at_last_log = done, time.perf_counter(), tokens_done
             if tc.max_loss is not None and (not math.isfinite(mean_loss) or mean_loss > tc.max_loss):
@@ -428,7 +462,15 @@ def _train(config: Config, context: RunContext) -> dict:
             val_history.append(entry)
             context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
             last_log_time += time.perf_counter() - eval_start
+        if checkpoints.due(done) or guard.stop_requested:
+            checkpoints.save(done, tokens_done, loss_sum, last_log_step, guard.skipped)
+        if guard.stop_requested:
+            stop_reason = f"SIGTERM: stopped after step {done}, checkpoint saved"
+            context.log(f"stopping: {stop_reason}")
+            break
 
+    if stop_reason is None and checkpoints.last_saved != done:
+        checkpoints.save(done, tokens_done, loss_sum, last_log_step, guard.skipped)
     whole = (
         zero.sharding.gathered_parameters()
         if zero is not None and zero.sharding
@@ -449,10 +491,10 @@ def _train(config: Config, context: RunContext) -> dict:
         context.log("sample: " + json.dumps(sample))
     context.barrier()
     return {
-        "final_loss": history[-1]["loss"],
-        "val_loss": val_history[-1]["loss"],
-        "val_perplexity": val_history[-1]["perplexity"],
-        "first_val_loss": val_history[0]["loss"],
+        "final_loss": history[-1]["loss"] if history else None,
+        "val_loss": val_history[-1]["loss"] if val_history else None,
+        "val_perplexity": val_history[-1]["perplexity"] if val_history else None,
+        "first_val_loss": val_history[0]["loss"] if val_history else None,
         "steps": tc.steps,
         "tokens": tokens_done,
         "stopped_early": stop_reason is not None,

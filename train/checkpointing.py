@@ -1,0 +1,174 @@
+"""Checkpoints in the training loop: what to resume from, when to save, and the run state around them.
+
+Checkpoints go to `train.out_dir/checkpoints/step-NNNNNNNN/` (parallel/checkpoint.py: sharded, atomic,
+loadable under any layout) every `train.save_every` steps, at the end of the run, and when SIGTERM stops
+it; the newest `train.keep_last` are kept. Besides the model and optimizer a checkpoint holds the step
+(which fixes the LR schedule and the data: the batch of step k depends only on (seed, k)), the tokens
+consumed, the fp16 loss scaler, the non-finite steps skipped, each rank's running loss since the last log
+record, the RNG states of every rank and the resolved config.
+
+`train.resume`: `never`; `auto`, the newest complete and checksum-valid checkpoint of this run's
+`out_dir` (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh); or a
+path: a checkpoint folder, or a run's `out_dir` or `checkpoints/` folder (its newest valid checkpoint),
+an error when it holds none. Global rank 0 chooses and tells the others.
+
+In the same layout a resumed run continues bit for bit: same weights, optimizer state, RNG, logging
+window. In another layout the weights and optimizer state are re-cut exactly (8-bit moments
+re-quantized in the new blocks), the logging window restarts at the resumed step, and the loss curve
+continues within floating-point summation order of the uninterrupted run. `metrics.jsonl` keeps the
+records up to the resumed step and continues after them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallel import checkpoint
+from parallel.loss_scaler import DynamicLossScaler
+from train.config import Config, ConfigError, config_to_dict
+from train.context import RunContext
+from train.faults import kill_in_save
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run continues from."""
+
+    path: Path
+    step: int
+    tokens: int
+    last_log_step: int
+    loss_sum: float | None  # this rank's loss sum since last_log_step (same layout only)
+    skipped: list[int]
+
+
+def _warn(context: RunContext, message: str) -> None:
+    if context.is_main:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _broadcast(context: RunContext, value):
+    if context.topology.is_distributed:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def choose_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[str], str | None]:
+    """(checkpoint, notes on skipped ones, error) for `train.resume` = `auto` (the newest valid one under
+    `root`) or a path (see the module docstring)."""
+    if resume == "auto":
+        found, notes = checkpoint.find_latest(root)
+        return found, notes, None
+    path = Path(resume)
+    if (path / checkpoint.MANIFEST).exists() or checkpoint.STEP_DIR.fullmatch(path.name):
+        reason = checkpoint.verify(path)
+        return (None, [], f"{path}: {reason}") if reason else (path, [], None)
+    found, notes = checkpoint.find_latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    return (found, notes, None) if found else (None, notes, f"{path}: no valid checkpoint found")
+
+
+class Checkpointer:
+    """Saves and resumes the training state of one run (model chunks, optimizer, loss scaler)."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolved: Config,
+        context: RunContext,
+        chunks: dict,
+        optimizer: torch.optim.Optimizer,
+        scaler: DynamicLossScaler | None,
+    ) -> None:
+        self.config, self.resolved, self.context = config, resolved, context
+        self.chunks, self.optimizer, self.scaler = chunks, optimizer, scaler
+        self.root = Path(config.train.out_dir) / "checkpoints"
+        self.last_saved: int | None = None
+
+    def resume(self) -> Resumed | None:
+        """Load the checkpoint `train.resume` asks for into the model, optimizer and scaler (None: fresh)."""
+        resume, context = self.config.train.resume, self.context
+        if resume == "never":
+            return None
+        choice = choose_checkpoint(resume, self.root) if context.is_main else None
+        path, notes, error = _broadcast(context, choice)
+        for note in notes:
+            _warn(context, note)
+        if error:
+            raise ConfigError(f"train.resume={resume!r}: {error}")
+        if path is None:
+            context.log(f"resume: no checkpoint in {self.root}, starting from step 0")
+            return None
+        info = checkpoint.load(path, self.chunks, self.optimizer, topology=context.topology)
+        state = info["state"] or {}
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
+        saved = info["layout"]
+        context.log(
+            f"resumed from {path} (step {info['step']}, {info['tokens']:,} tokens; saved under "
+            f"dp={saved['dp']} tp={saved['tp']} pp={saved['pp']} zero_stage={saved['zero_stage']}; "
+            + ("same layout: RNG states restored)" if info["same_layout"] else "another layout: re-sharded)")
+        )
+        rank_state = info["rank_state"]
+        self.last_saved = info["step"]
+        return Resumed(
+            path=Path(path),
+            step=info["step"],
+            tokens=info["tokens"],
+            last_log_step=state.get("last_log_step", info["step"]) if rank_state else info["step"],
+            loss_sum=rank_state["loss_sum"] if rank_state else None,
+            skipped=list(state.get("skipped_nonfinite", [])),
+        )
+
+    def due(self, step: int) -> bool:
+        every = self.config.train.save_every
+        return bool(every) and step % every == 0
+
+    def save(
+        self, step: int, tokens: int, loss_sum: torch.Tensor, last_log_step: int, skipped: list[int]
+    ) -> Path:
+        """Write the checkpoint of `step` (completed steps) and prune old ones. Collective."""
+        context = self.context
+        state = {"last_log_step": last_log_step, "skipped_nonfinite": skipped}
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        path = checkpoint.save(
+            self.root / checkpoint.step_name(step),
+            self.chunks,
+            self.optimizer,
+            topology=context.topology,
+            step=step,
+            tokens=tokens,
+            config=config_to_dict(self.resolved),
+            state=state,
+            rank_state={"loss_sum": loss_sum.item()},
+            on_written=kill_in_save(step),
+        )
+        if context.is_main:
+            checkpoint.prune(self.root, self.config.train.keep_last)
+        self.last_saved = step
+        context.log(f"saved checkpoint {path}")
+        return path
+
+
+def restart_metrics(path: Path, resumed: Resumed | None, is_main: bool) -> tuple[list[dict], list[dict]]:
+    """Start `metrics.jsonl`: empty for a fresh run; for a resumed one, its records up to the resumed step
+    (rewritten by rank 0). Returns the kept (training, validation) records."""
+    lines = []
+    if resumed is not None and path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in lines if json.loads(line)["step"] <= resumed.step]
+    if is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    records = [json.loads(line) for line in lines]
+    return [r for r in records if "split" not in r], [r for r in records if r.get("split") == "val"]

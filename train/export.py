@@ -1,0 +1,89 @@
+"""`python -m train.export CHECKPOINT OUT`: a training checkpoint as one Hugging Face DeepSeek folder.
+
+CHECKPOINT is a checkpoint folder (`RUN/checkpoints/step-NNNNNNNN`), or a run's `out_dir` or its
+`checkpoints/` folder (then its newest valid checkpoint). It is checked against its SHA-256 sums, read
+under whatever layout wrote it, and the whole model is rebuilt in this one process from the checkpoint's
+resolved config: weights from the fp32 master copies where the run had them (ZeRO, 16-bit training),
+LoRA adapters merged into their base weights. OUT gets `config.json` + `model.safetensors` through
+`models.deepseek.save_pretrained` (what transformers' DeepseekV3ForCausalLM loads), and the run's
+`tokenizer.json` when it can be found (`data.tokenizer`, or the run's `final/`).
+
+NF4 (QLoRA) bases are not in checkpoints (they are frozen and rebuilt from their source): they are
+re-quantized here from `model.pretrained` (or the seed) in one piece, so where the run used tp > 1 the
+merged base can differ from the run's shard-wise quantization by NF4 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from models.config import MLAConfig
+from models.deepseek import save_pretrained
+from parallel import checkpoint
+from parallel.topology import ParallelDims, Topology
+from train.checkpointing import choose_checkpoint
+from train.config import ConfigError, DistributedConfig, config_from_dict
+from train.context import fail
+from train.trainer import build_model
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint folder that `path` names (see the module docstring); errors say why not."""
+    found, notes, error = choose_checkpoint(str(path), Path(path))
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if error:
+        raise ValueError(error)
+    return found
+
+
+def export(path: str | Path, out: str | Path) -> Path:
+    """Write the model of checkpoint `path` as a Hugging Face DeepSeek folder `out`; returns `out`."""
+    path = resolve(path)
+    saved = checkpoint.read_manifest(path)["config"]
+    if saved is None:
+        raise ValueError(f"{path}: the checkpoint has no config; export needs the run's resolved config")
+    config = config_from_dict(saved)
+    nf4 = config.lora.enabled and config.lora.quantize_base == "nf4"
+    model = {k: v for k, v in config.model.items() if k != "pretrained"}
+    config = replace(
+        config,
+        # the checkpoint holds every weight except NF4 bases, which are rebuilt from their source
+        model={**model, "pretrained": config.model.get("pretrained") if nf4 else None},
+        distributed=DistributedConfig(),
+        train=replace(config.train, precision="fp32"),
+    )
+    topology = Topology(ParallelDims())
+    chunks = build_model(config, MLAConfig(**model), topology)
+    checkpoint.load(path, chunks, topology=topology, restore_rng=False)
+    out = save_pretrained(list(chunks.values()), out)
+    run_dir = path.parent.parent
+    for tokenizer in (config.data.tokenizer, run_dir / "final" / "tokenizer.json"):
+        if tokenizer and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, Path(out) / "tokenizer.json")
+            break
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder, or a run's out_dir / checkpoints folder")
+    parser.add_argument("out", help="the Hugging Face folder to write")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        fail(str(error).splitlines()[0] if str(error) else repr(error))
+    print(f"exported {args.checkpoint} to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

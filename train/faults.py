@@ -1,0 +1,142 @@
+"""Faults in the training loop: SIGTERM, non-finite steps, collective timeouts, and fault injection.
+
+- SIGTERM (a preemption, torchrun stopping the job) only sets a flag; at the next step boundary every
+  rank learns it (one all-reduce), the trainer saves a checkpoint and returns normally.
+- Non-finite loss or gradient norm: checked on every rank before the optimizer step, in the same
+  all-reduce (MAX of three flags over the world: SIGTERM, bad loss, bad gradient norm), so all ranks take
+  the same decision even when only one stage or replica sees the NaN. `train.on_nonfinite=raise` stops
+  with `NonFiniteError` naming the step; `skip` drops the step (no update, its loss left out of the
+  logged mean) and counts it. Costs one small all-reduce and one host sync per step. Under fp16 the
+  gradient norm is the loss scaler's business (an overflow skips the step and halves the scale), so only
+  the loss is checked.
+- Collective timeouts: long while starting (tokenizer training, data building on one rank while the
+  others wait), `distributed.timeout_s` once the first step has run, so that a hung rank becomes an error.
+
+Fault injection for the tests, from the environment, on the first torchrun attempt only
+(TORCHELASTIC_RESTART_COUNT unset or 0) except NaN, and on rank MLA_FAULT_RANK (default 1; NaN: all
+ranks unless it is set):
+
+    MLA_FAULT_NAN_STEP=k          the loss and gradients of step k become NaN
+    MLA_FAULT_KILL_STEP=k         SIGKILL after the backward of step k
+    MLA_FAULT_SIGTERM_STEP=k      SIGTERM to itself after the backward of step k
+    MLA_FAULT_KILL_IN_SAVE=k      SIGKILL while saving the checkpoint of step k (shard written, not committed)
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from parallel.topology import Topology
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN or infinite loss or gradient norm, and `train.on_nonfinite` is `raise`."""
+
+
+class StepGuard:
+    """Per-step agreement across ranks on SIGTERM and non-finite values (see the module docstring)."""
+
+    def __init__(self, topology: Topology, on_nonfinite: str) -> None:
+        self.topology, self.on_nonfinite = topology, on_nonfinite
+        self.signalled = False  # this process got SIGTERM
+        self.stop_requested = False  # some rank got SIGTERM: save and stop after this step
+        self.skipped: list[int] = []
+        self._previous = None
+
+    def __enter__(self) -> StepGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+
+    def skip_step(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, check_grad_norm: bool
+    ) -> bool:
+        """True when step `step` (1-based) must be skipped; raises under `raise`. Collective."""
+        device = self.topology.device
+        flags = torch.stack(
+            [
+                torch.tensor(float(self.signalled), device=device),
+                (~torch.isfinite(loss.detach().float())).float().to(device),
+                (~torch.isfinite(grad_norm.detach().float())).float().to(device)
+                if check_grad_norm
+                else torch.zeros((), device=device),
+            ]
+        )
+        if self.topology.is_distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad_loss, bad_norm = (bool(v) for v in flags.tolist())
+        self.stop_requested = self.stop_requested or stop
+        if not (bad_loss or bad_norm):
+            return False
+        what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient norm", bad_norm)) if bad)
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} on some rank (train.on_nonfinite=raise; 'skip' would "
+                f"skip such steps)"
+            )
+        self.skipped.append(step)
+        return True
+
+    def skipped_since(self, step: int) -> int:
+        return sum(1 for s in self.skipped if s > step)
+
+
+def set_collective_timeout(topology: Topology, seconds: float) -> None:
+    """Set the timeout of every process group of this run (the world, tp, dp, pp), e.g. from the long
+    start-up value to the steady-state one after the first step."""
+    if not topology.is_distributed:
+        return
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in {None, topology.tp_group, topology.dp_group, topology.pp_group}:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)  # no public API to change it after creation
+
+
+def _fault_step(name: str) -> int | None:
+    value = os.environ.get(name)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if value is None or (name != "MLA_FAULT_NAN_STEP" and not first_attempt):
+        return None
+    rank = os.environ.get("MLA_FAULT_RANK")
+    if rank is None and name != "MLA_FAULT_NAN_STEP":
+        rank = "1"
+    if rank is not None and int(rank) != int(os.environ.get("RANK", "0")):
+        return None
+    return int(value)
+
+
+def inject(step: int, loss: torch.Tensor, parameters, zero) -> torch.Tensor:
+    """Apply the MLA_FAULT_* faults due after the backward of step `step`; returns the (maybe NaN) loss."""
+    if step == _fault_step("MLA_FAULT_KILL_STEP"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step == _fault_step("MLA_FAULT_SIGTERM_STEP"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if step == _fault_step("MLA_FAULT_NAN_STEP"):
+        if zero is not None:
+            zero.scale_grads(math.nan)
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
+        return loss * math.nan
+    return loss
+
+
+def kill_in_save(step: int):
+    """The `on_written` hook of `checkpoint.save` for MLA_FAULT_KILL_IN_SAVE, or None."""
+    if step != _fault_step("MLA_FAULT_KILL_IN_SAVE"):
+        return None
+    return lambda: os.kill(os.getpid(), signal.SIGKILL)
