@@ -38,6 +38,7 @@ from train.context import RunContext
 from train.data import BatchSampler, Dataset, prepare_dataset, validation_windows
 from train.faults import StepGuard, inject, set_collective_timeout
 from train.flops import flops_per_token
+from train.memory import detect_gpu
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
 from train.runner import ModelRunner
 from train.schedules import curriculum_at, learning_rate
@@ -351,6 +352,13 @@ def _train(config: Config, context: RunContext, guard: StepGuard) -> dict:
                 f.write(json.dumps(finite) + "\n")
 
     curriculum = tc.curriculum_start_seq_len is not None
+    peak_tflops = tc.peak_tflops  # for MFU: the config's, else the GPU preset's 16-bit dense peak
+    if (
+        peak_tflops is None
+        and device.type == "cuda"
+        and (gpu := detect_gpu(torch.cuda.get_device_name(device)))
+    ):
+        peak_tflops = gpu.peak_tflops
     start_step = done = resumed.step if resumed else 0
     tokens_done = tokens_at_last_log = resumed.tokens if resumed else 0
     stop_reason = None
@@ -424,8 +432,8 @@ def _train(config: Config, context: RunContext, guard: StepGuard) -> dict:
                 entry["skipped_nonfinite"] = len(guard.skipped)
             tflops = tokens_per_s * flops_per_token(mcfg, step_len) / topo.world_size / 1e12
             entry["tflops_per_device"] = tflops
-            if tc.peak_tflops:
-                entry["mfu"] = tflops / tc.peak_tflops
+            if peak_tflops:
+                entry["mfu"] = tflops / peak_tflops
             memory = monitor.sample()
             entry.update(memory)
             if recovery.retries:
