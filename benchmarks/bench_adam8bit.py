@@ -29,7 +29,7 @@ import yaml
 from _common import REPO_ROOT, markdown_table, paired_ratio, parse_args, summary, write_json
 
 from models import MLAConfig, MLATransformer
-from parallel.adam8bit import AdamW8bit
+from parallel.lowbit.adamw8bit import AdamW8bit
 
 SHAPE = (4096, 4096)
 

@@ -1,7 +1,8 @@
 """Pipeline schedules on 2 gloo ranks: measured step time and bubble against the simulator and the formula.
 
 Stages are made uniform on purpose: every pipeline stage (every virtual chunk for interleaved) is the same
-stack of `parallel.zero_bubble.Linear` + GELU blocks, so t_B ~ 2 t_F and, split, t_B(input) ~ t_W ~ t_F.
+stack of `parallel.pipeline.deferred_wgrad.Linear` + GELU blocks, so t_B ~ 2 t_F and, split,
+t_B(input) ~ t_W ~ t_F.
 For each schedule and micro-batch count m:
 
     ideal     = m * (t_F + t_B) per rank, from the stage's costs measured alone (no communication)
@@ -23,10 +24,10 @@ import torch.distributed as dist
 from _common import interleaved_times, markdown_table, parse_args, run_world, summary, write_json
 from torch import nn
 
-from parallel.pipeline import PipelineExecutor
-from parallel.pipeline_schedules import bubble_formula, build_schedule, simulate
+from parallel.pipeline.deferred_wgrad import Linear, WeightGradStore
+from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline.schedules import bubble_formula, build_schedule, simulate
 from parallel.topology import ParallelDims, init_distributed
-from parallel.zero_bubble import Linear, WeightGradStore
 
 HIDDEN, BATCH, SEQ = 512, 8, 128
 

@@ -33,8 +33,8 @@ from _common import write_json as write_results
 
 from models.config import MLAConfig
 from models.transformer import MLATransformer
-from parallel.lora import apply_lora, lora_modules
-from parallel.quant import dequantize_nf4, quantize_nf4
+from parallel.lowbit.lora import apply_lora, lora_modules
+from parallel.lowbit.quant import dequantize_nf4, quantize_nf4
 
 DECODER_LINEARS = [
     "q_proj",

@@ -56,7 +56,7 @@ from _common import (
 
 from models import MLAConfig
 from models.transformer import DecoderLayer
-from parallel.tensor_parallel import shard_tensor, tp_dim
+from parallel.tensor import shard_tensor, tp_dim
 
 BASE_CONFIG = dict(
     vocab_size=2048,

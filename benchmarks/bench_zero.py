@@ -61,8 +61,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from models import MLAConfig, MLATransformer
-from parallel.zero import ZeroOptimizer
-from parallel.zero3 import default_units
+from parallel.data import ZeroOptimizer
+from parallel.data.zero3 import default_units
 
 CONFIG = dict(
     vocab_size=2048,

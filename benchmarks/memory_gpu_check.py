@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.config import MLAConfig  # noqa: E402
 from parallel import ParallelDims, init_distributed  # noqa: E402
-from parallel.zero import ZeroOptimizer  # noqa: E402
+from parallel.data import ZeroOptimizer  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.memory import GIB, estimate_rank  # noqa: E402
 from train.runner import ModelRunner  # noqa: E402
@@ -50,19 +50,19 @@ CASES = {
     "bf16 adamw, selective, mbs 4": [
         "train.precision=bf16",
         "train.micro_batch_size=4",
-        "distributed.activation_checkpointing=selective",
+        "distributed.recompute=selective",
     ],
     "bf16 adamw8bit, full, mbs 8": [
         "train.precision=bf16",
         "train.micro_batch_size=8",
         "optim.name=adamw8bit",
-        "distributed.activation_checkpointing=full",
+        "distributed.recompute=full",
     ],
     "fp32 adamw, no recompute, mbs 2": ["train.micro_batch_size=2"],
     "bf16 qlora, selective, mbs 4": [
         "train.precision=bf16",
         "train.micro_batch_size=4",
-        "distributed.activation_checkpointing=selective",
+        "distributed.recompute=selective",
         "lora.enabled=true",
         "lora.quantize_base=nf4",
         "lora.targets=[q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,gate_proj,up_proj,down_proj]",

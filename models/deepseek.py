@@ -43,9 +43,9 @@ from torch import nn
 from models.config import MLAConfig
 from models.transformer import MLATransformer, StageSpec
 from parallel.collectives import group_size
-from parallel.data_parallel import DataParallel
-from parallel.lora import LoRALinear
-from parallel.tensor_parallel import gather_tensor, tp_dim
+from parallel.data import DataParallel
+from parallel.lowbit.lora import LoRALinear
+from parallel.tensor import gather_tensor, tp_dim
 from parallel.topology import Topology
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -434,7 +434,7 @@ def save_pretrained(
 
     `model` is a model or this rank's pipeline chunks (with their `pp_group`). Collective: every rank
     calls; shards are gathered and global rank 0 writes. A model with LoRA adapters is saved merged (see
-    `full_state`); save the adapters alone with `parallel.lora.save_adapter`.
+    `full_state`); save the adapters alone with `parallel.lowbit.lora.save_adapter`.
     """
     path = Path(path)
     state = full_state(model, pp_group)

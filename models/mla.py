@@ -44,8 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
 from parallel.collectives import copy_to_group, group_size
-from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from parallel.zero_bubble import Linear
+from parallel.pipeline.deferred_wgrad import Linear
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 
 class RMSNorm(nn.Module):

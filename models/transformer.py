@@ -31,7 +31,7 @@ their gathers reduce-scatter the partial gradients. The replicated parameters us
 else is the plain TP computation on the same numbers: the results equal tp without SP. In eval mode the
 plain TP path runs (nothing is kept for backward, and any sequence length works).
 
-Activation recompute (`set_activation_checkpointing`): "full" keeps only each decoder layer's input and
+Activation recompute (`set_recompute`): "full" keeps only each decoder layer's input and
 recomputes the layer in backward; "selective" recomputes only the attention core (RoPE, scores, softmax,
 weighted sum; see `MultiHeadLatentAttention._core`); "none" keeps everything.
 """
@@ -55,7 +55,7 @@ from parallel.collectives import (
     group_rank,
     group_size,
 )
-from parallel.tensor_parallel import (
+from parallel.tensor import (
     SEQUENCE_DIM,
     ColumnParallelLinear,
     RowParallelLinear,
@@ -192,7 +192,7 @@ class MLABackbone(nn.Module):
         if stage.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.group = group
-        self.activation_checkpointing = "none"  # none | full | selective
+        self.recompute = "none"  # none | full | selective
         self.sequence_parallel = False  # hidden states between layers are split along the sequence
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -207,7 +207,7 @@ class MLABackbone(nn.Module):
         x = self.embed_tokens(inputs) if self.stage.is_first else inputs
         positions = torch.arange(seq, device=x.device)
         for layer in self.layers.values():
-            if self.activation_checkpointing == "full" and self.training:
+            if self.recompute == "full" and self.training:
                 x = checkpoint(layer, x, positions, use_reentrant=False)
             else:
                 x = layer(x, positions)
@@ -267,16 +267,16 @@ class MLATransformer(nn.Module):
             local = full if dim is None else shard_tensor(full, dim, tp_rank, tp_size)
             param.copy_(local)
 
-    def set_activation_checkpointing(self, mode: str | bool) -> None:
+    def set_recompute(self, mode: str | bool) -> None:
         """Activation recompute in backward: "none", "full" (each decoder layer) or "selective" (the
         attention core only); `True` and `False` mean "full" and "none"."""
         if isinstance(mode, bool):
             mode = "full" if mode else "none"
         if mode not in RECOMPUTE_MODES:
             raise ValueError(
-                f"distributed.activation_checkpointing={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}"
+                f"distributed.recompute={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}"
             )
-        self.model.activation_checkpointing = mode
+        self.model.recompute = mode
         for layer in self.model.layers.values():
             layer.self_attn.recompute_core = mode == "selective"
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.collectives import group_size
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 
 def global_grad_norm(

@@ -14,7 +14,7 @@ from dist_harness import grid, run_distributed
 
 from models import MLAConfig, MLATransformer
 from parallel import full_tensor, gather_tensor
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -57,7 +57,7 @@ def _check_sequence_parallel(tp: int, overrides: dict, recompute: str) -> None:
         torch.manual_seed(1234)
         model = MLATransformer(config, topo)
         model.set_sequence_parallel(True)
-        model.set_activation_checkpointing(recompute)
+        model.set_recompute(recompute)
         seen = []
         hook = model.model.layers["1"].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
         loss, grads = _loss_and_grads(model, inputs, targets)
@@ -113,7 +113,7 @@ def test_recompute_modes_equal_the_plain_run_exactly(mode):
     model = MLATransformer(config)
     results = []
     for m in ("none", mode):
-        model.set_activation_checkpointing(m)
+        model.set_recompute(m)
         torch.manual_seed(99)
         results.append(_loss_and_grads(model, ids[:, :-1], ids[:, 1:]))
     (loss, grads), (loss_m, grads_m) = results
@@ -122,5 +122,5 @@ def test_recompute_modes_equal_the_plain_run_exactly(mode):
 
 
 def test_unknown_recompute_mode_names_the_key():
-    with pytest.raises(ValueError, match="distributed.activation_checkpointing='some'"):
-        MLATransformer(_config()).set_activation_checkpointing("some")
+    with pytest.raises(ValueError, match="distributed.recompute='some'"):
+        MLATransformer(_config()).set_recompute("some")

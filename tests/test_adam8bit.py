@@ -22,7 +22,7 @@ import torch
 from test_cli import TINY, read_metrics, run_cli
 
 from models import MLAConfig, MLATransformer
-from parallel.adam8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
+from parallel.lowbit.adamw8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -277,7 +277,7 @@ def test_state_bytes_per_parameter_on_a_large_tensor():
 
 def test_chunking_and_packing_do_not_change_the_result(monkeypatch):
     # Parameters packed several to a chunk, and one split across chunks, against one chunk per parameter.
-    import parallel.adam8bit as adam8bit
+    import parallel.lowbit.adamw8bit as adam8bit
 
     def run(chunk_numel):
         monkeypatch.setitem(adam8bit.CHUNK_NUMEL, "cpu", chunk_numel)

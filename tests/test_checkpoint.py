@@ -21,9 +21,9 @@ from dist_harness import grid, run_distributed
 from models import MLAConfig, MLATransformer
 from models.transformer import split_layers
 from parallel import checkpoint
-from parallel.adam8bit import AdamW8bit
-from parallel.zero import ZeroOptimizer
-from parallel.zero3 import default_units
+from parallel.data import ZeroOptimizer
+from parallel.data.zero3 import default_units
+from parallel.lowbit.adamw8bit import AdamW8bit
 
 CONFIG = MLAConfig(
     vocab_size=131,  # odd: the vocabulary shards of tp=2 are padded

@@ -101,7 +101,7 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
     (2, 1, 1, ["distributed.zero_stage=1"]),
     (2, 1, 1, ["distributed.zero_stage=2", "distributed.offload_optimizer=true", "train.micro_batch_size=2"]),
     (1, 2, 2, ["distributed.zero_stage=2", "distributed.pp_schedule=zb1p", "train.micro_batch_size=2"]),
-    (2, 1, 1, ["distributed.zero_stage=3", "distributed.activation_checkpointing=true"]),
+    (2, 1, 1, ["distributed.zero_stage=3", "distributed.recompute=true"]),
     (1, 1, 1, ["train.compile=true", "train.compile_backend=eager"]),  # tracing only: inductor is slow on CPU
     (  # sequence-sharded hidden states between pipeline stages; selective recompute
         1,
@@ -109,7 +109,7 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
         2,
         [
             "distributed.sequence_parallel=true",
-            "distributed.activation_checkpointing=selective",
+            "distributed.recompute=selective",
             "train.micro_batch_size=2",
         ],
     ),

@@ -5,6 +5,7 @@ import re
 import pytest
 import yaml
 
+import train.config as config_module
 from train.config import (
     Config,
     ConfigError,
@@ -313,3 +314,20 @@ def test_malformed_value_inside_rope_scaling_names_the_key():
         "model.rope_scaling.factor=[4]",
     ]
     assert_error(overrides, "model.rope_scaling={", "'factor': [4]")
+
+
+def test_deprecated_activation_checkpointing_key_still_works_and_says_so():
+    with pytest.warns(FutureWarning, match="distributed.recompute"):
+        config_module._warned_deprecated.clear()
+        cfg = load_config(overrides=["distributed.activation_checkpointing=selective"])
+    assert cfg.distributed.recompute == "selective"
+    assert (
+        load_config(overrides=["distributed.activation_checkpointing=true"]).distributed.recompute == "full"
+    )
+
+
+def test_deprecated_key_and_its_new_name_together_are_an_error():
+    with pytest.raises(
+        ConfigError, match="distributed.activation_checkpointing.*give only distributed.recompute"
+    ):
+        load_config(overrides=["distributed.activation_checkpointing=full", "distributed.recompute=full"])

@@ -13,7 +13,7 @@ from dist_harness import grid, run_distributed
 
 from models import MLAConfig, MLATransformer
 from parallel import DataParallel, full_tensor, gather_tensor
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 CONFIG = MLAConfig(

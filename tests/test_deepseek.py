@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from models.deepseek import config_from_hf, load_pretrained, rope_rows_to_interleaved, save_pretrained
 from parallel import gather_tensor
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["v3_q_lora", "v3_yarn_sharded", "v2_tied_yarn"]

@@ -9,7 +9,7 @@ from dist_harness import grid, run_distributed
 from models import MLAConfig, MLATransformer
 from parallel import gather_tensor
 from parallel.grad_clip import clip_grad_norm_
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 CONFIG = MLAConfig(
     vocab_size=101,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from models import MLAConfig, MLATransformer
 from parallel import gather_tensor, shard_tensor
 from parallel.collectives import group_rank, group_size
-from parallel.lora import (
+from parallel.lowbit.lora import (
     PEFT_PREFIX,
     NF4Linear,
     apply_lora,
@@ -32,8 +32,8 @@ from parallel.lora import (
     save_adapter,
     unmerge_lora,
 )
-from parallel.quant import dequantize_nf4, quantize_nf4
-from parallel.tensor_parallel import tp_dim
+from parallel.lowbit.quant import dequantize_nf4, quantize_nf4
+from parallel.tensor import tp_dim
 
 ALL_LINEARS = [
     "q_a_proj",

@@ -69,8 +69,8 @@ def _storages() -> dict[int, tuple[int, torch.Tensor]]:
 
 
 def _warm_caches() -> None:
-    from parallel.adam8bit import AdamW8bit
-    from parallel.quant import dequantize_nf4, quantize_nf4
+    from parallel.lowbit.adamw8bit import AdamW8bit
+    from parallel.lowbit.quant import dequantize_nf4, quantize_nf4
 
     p = torch.nn.Parameter(torch.randn(8192))
     p.grad = torch.randn(8192)
@@ -80,7 +80,7 @@ def _warm_caches() -> None:
 
 def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int]:
     """(live bytes, estimated resting state) of this rank after two steps of the configured layout."""
-    from parallel.zero import ZeroOptimizer
+    from parallel.data import ZeroOptimizer
     from train.runner import ModelRunner
     from train.trainer import build_model, build_optimizer
 
@@ -172,12 +172,12 @@ def test_model_state_estimate_equals_live_bytes_on_two_ranks():
 def test_layer_activation_estimate_matches_saved_tensors(q_lora_rank, precision, mode):
     config = load_config(
         None,
-        [f"train.precision={precision}", "data.seq_len=64", f"distributed.activation_checkpointing={mode}"],
+        [f"train.precision={precision}", "data.seq_len=64", f"distributed.recompute={mode}"],
     )
     mcfg = MLAConfig(**{**MODEL, "q_lora_rank": q_lora_rank, "num_layers": 1, "max_seq_len": 64})
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = MLATransformer(mcfg, stage=StageSpec(0, 1, is_first=False, is_last=False)).to(dtype)
-    model.set_activation_checkpointing(mode)
+    model.set_recompute(mode)
     kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = {}
 
@@ -197,7 +197,7 @@ def test_layer_activation_estimate_matches_saved_tensors(q_lora_rank, precision,
 
 
 def test_nf4_bytes_match_quantize_nf4():
-    from parallel.quant import quantize_nf4
+    from parallel.lowbit.quant import quantize_nf4
 
     for shape in [(64, 64), (100, 70), (1000, 333)]:
         q = quantize_nf4(torch.randn(*shape))
@@ -221,8 +221,8 @@ def test_activation_memory_shrinks_with_recompute_and_sequence_parallel():
     sizes = {}
     for name, extra in {
         "none": [],
-        "selective": ["distributed.activation_checkpointing=selective"],
-        "full": ["distributed.activation_checkpointing=full"],
+        "selective": ["distributed.recompute=selective"],
+        "full": ["distributed.recompute=full"],
         "sp": ["distributed.sequence_parallel=true"],
     }.items():
         sizes[name] = estimate_memory(load_config(None, base + extra), mcfg).device["activations"]
@@ -235,7 +235,7 @@ def _saved_per_token(mode: str, sequence_parallel: bool, precision: str) -> tupl
         mcfg = MLAConfig(**{**MODEL, "num_layers": 1, "max_seq_len": 64})
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = MLATransformer(mcfg, topo, stage=StageSpec(0, 1, is_first=False, is_last=False)).to(dtype)
-        model.set_activation_checkpointing(mode)
+        model.set_recompute(mode)
         model.set_sequence_parallel(sequence_parallel)
         kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         saved = {}
@@ -249,7 +249,7 @@ def _saved_per_token(mode: str, sequence_parallel: bool, precision: str) -> tupl
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.model(x.requires_grad_())
     overrides = [f"train.precision={precision}", "data.seq_len=64", "distributed.tp=2"]
-    overrides += [f"distributed.activation_checkpointing={mode}"]
+    overrides += [f"distributed.recompute={mode}"]
     overrides += [f"distributed.sequence_parallel={str(sequence_parallel).lower()}"]
     parts = layer_activation_bytes(mcfg, load_config(None, overrides))
     e = 2 if precision == "bf16" else 4

@@ -12,7 +12,7 @@ from dist_harness import grid, run_distributed
 
 from models import MLAConfig, MLATransformer
 from parallel import full_tensor, gather_tensor
-from parallel.tensor_parallel import tp_dim
+from parallel.tensor import tp_dim
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

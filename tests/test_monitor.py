@@ -74,7 +74,7 @@ def test_out_of_memory_at_micro_batch_one_stops_with_the_estimate(tmp_path, cach
         _run(tmp_path, cache_dir)
     log = capsys.readouterr().out
     assert "activations" in log and "total per GPU" in log  # the estimator's breakdown
-    assert "distributed.activation_checkpointing=full" in log  # and advice
+    assert "distributed.recompute=full" in log  # and advice
 
 
 def test_memory_fields_in_metrics_and_a_warning_above_the_threshold(tmp_path, cache_dir, capsys):

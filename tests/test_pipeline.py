@@ -13,15 +13,15 @@ from dist_harness import grid, run_distributed
 
 from models import MLAConfig, MLATransformer
 from models.transformer import split_layers
-from parallel.pipeline import PipelineExecutor
-from parallel.pipeline_schedules import (
+from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline.schedules import (
     Action,
     bubble_formula,
     build_schedule,
     schedule_1f1b,
     simulate,
 )
-from parallel.tensor_parallel import gather_tensor, tp_dim
+from parallel.tensor import gather_tensor, tp_dim
 
 # ------------------------------------------------------------------ schedules, no processes
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parallel.quant import (
+from parallel.lowbit.quant import (
     NF4_CODE,
     create_dynamic_map,
     dequantize_blockwise,
@@ -288,7 +288,7 @@ def test_nf4_round_trip_any_shape_and_block_size(x, block_size, double_quant, dt
 def test_nf4_double_quant_scales_are_close_to_the_exact_absmax():
     # The 8-bit dynamic code on (absmax - mean) keeps each scale to within 1% of its block's range of
     # centred absmaxes; measured worst relative error 0.65% on Gaussian weights.
-    from parallel.quant import nf4_absmax
+    from parallel.lowbit.quant import nf4_absmax
 
     w = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
     exact = nf4_absmax(quantize_nf4(w, double_quant=False))

@@ -178,7 +178,7 @@ def test_row_parallel_rejects_indivisible_input():
         pass
 
     with pytest.raises(ValueError, match="in_features=6 is not divisible by tp=4"):
-        import parallel.tensor_parallel as tpmod
+        import parallel.tensor as tpmod
 
         original = tpmod.group_size
         tpmod.group_size = lambda group: 4

@@ -18,10 +18,10 @@ from dist_harness import grid, run_distributed
 from models import MLAConfig, MLATransformer
 from models.transformer import split_layers
 from parallel import DataParallel, full_tensor
-from parallel.loss_scaler import DynamicLossScaler
-from parallel.pipeline import PipelineExecutor
-from parallel.zero import ZeroOptimizer
-from parallel.zero3 import default_units
+from parallel.data import ZeroOptimizer
+from parallel.data.zero3 import default_units
+from parallel.lowbit.loss_scaler import DynamicLossScaler
+from parallel.pipeline.executor import PipelineExecutor
 
 CONFIG = MLAConfig(
     vocab_size=131,
@@ -72,7 +72,7 @@ def _check_against_single_process(
     with grid(dp=dp, tp=tp) as topo:
         torch.manual_seed(1)
         model = MLATransformer(CONFIG, topo).double()
-        model.set_activation_checkpointing(recompute)
+        model.set_recompute(recompute)
         units = default_units(model) if stage == 3 else None
         opt = ZeroOptimizer(
             model.parameters(), torch.optim.AdamW, stage, topo.dp_group, offload, 0.01, units, **ADAM
@@ -263,7 +263,7 @@ def _touch_dist():
 
 
 def _check_adamw8bit_sharding_is_invisible(stage: int) -> None:
-    from parallel.adam8bit import AdamW8bit
+    from parallel.lowbit.adamw8bit import AdamW8bit
 
     batches = _batches(8)
     with grid(dp=2) as topo:
@@ -304,8 +304,8 @@ def test_adamw8bit_under_zero_equals_unsharded_8bit(stage):
 
 
 def _check_adamw8bit_keeps_replicated_parameters_identical_across_tp() -> None:
-    from parallel.adam8bit import AdamW8bit
-    from parallel.tensor_parallel import tp_dim
+    from parallel.lowbit.adamw8bit import AdamW8bit
+    from parallel.tensor import tp_dim
 
     with grid(dp=2, tp=2) as topo:
         torch.manual_seed(1)

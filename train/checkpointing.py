@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint
-from parallel.loss_scaler import DynamicLossScaler
+from parallel.lowbit.loss_scaler import DynamicLossScaler
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
 from train.faults import kill_in_save

@@ -18,6 +18,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ class DistributedConfig:
     virtual_stages: int = 1
     pp_layers: list[int] | None = None  # layers per (virtual) stage; None = balanced split
     offload_optimizer: bool = False
-    activation_checkpointing: str = "none"  # none | full | selective (true/false: full/none)
+    recompute: str = "none"  # none | full | selective (true/false: full/none)
     bucket_cap_mb: float = 25.0
     timeout_s: float = 600.0
     startup_timeout_s: float = 1800.0  # collective timeout until the first step is done
@@ -168,7 +169,7 @@ RULES: dict[str, Rule] = {
     "distributed.bucket_cap_mb": _POSITIVE,
     "distributed.timeout_s": _POSITIVE,
     "distributed.startup_timeout_s": _POSITIVE,
-    "distributed.activation_checkpointing": _one_of("none", "full", "selective"),
+    "distributed.recompute": _one_of("none", "full", "selective"),
     "optim.name": _one_of("adamw", "adamw8bit"),
     "optim.lr": _POSITIVE,
     "optim.min_lr": _at_least(0),
@@ -206,8 +207,29 @@ RULES: dict[str, Rule] = {
 
 # Keys that used to be booleans: true/false still accepted, as these values.
 BOOL_ALIASES: dict[str, dict[bool, str]] = {
-    "distributed.activation_checkpointing": {True: "full", False: "none"},
+    "distributed.recompute": {True: "full", False: "none"},
 }
+
+# Old key names that still work: section -> {old key: new key}. Each says so once per process.
+DEPRECATED_KEYS: dict[str, dict[str, str]] = {
+    "distributed": {"activation_checkpointing": "recompute"},
+}
+_warned_deprecated: set[str] = set()
+
+
+def _rename_deprecated(name: str, raw: dict) -> dict:
+    """`raw` with deprecated keys renamed to their new names (warning once; both given is an error)."""
+    renamed = dict(raw)
+    for old, new in DEPRECATED_KEYS.get(name, {}).items():
+        if old not in renamed:
+            continue
+        if new in renamed:
+            raise ConfigError(f"{name}.{old}: deprecated alias of {name}.{new}; give only {name}.{new}")
+        if old not in _warned_deprecated:
+            _warned_deprecated.add(old)
+            warnings.warn(f"{name}.{old} is deprecated: use {name}.{new}", FutureWarning, stacklevel=2)
+        renamed[new] = renamed.pop(old)
+    return renamed
 
 
 # YAML 1.2 floats: unlike PyYAML's YAML 1.1 resolver, the dot is optional (`1e-8`, `3e-4`).
@@ -301,7 +323,7 @@ def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}={raw!r}: expected a mapping of keys")
     values = {}
-    for key, value in raw.items():
+    for key, value in _rename_deprecated(name, raw).items():
         if key not in hints:
             raise _unknown("key", f"{name}.", key, list(hints))
         dotted = f"{name}.{key}"

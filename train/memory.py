@@ -37,7 +37,7 @@ bytes, T = tp, S = T under sequence parallelism else 1, h hidden, H heads, I the
     MLP / T             4 e I                               gate, up, silu(gate), their product
 
 times the micro-batches in flight on the rank (1 without a pipeline; the schedule's peak from
-`parallel.pipeline_schedules.simulate` with one) times its layers. Full recompute keeps e h / S per
+`parallel.pipeline.schedules.simulate` with one) times its layers. Full recompute keeps e h / S per
 layer instead, and recomputes one layer at a time. One layer's worth (two with full recompute: the
 recomputed one) is added for the backward working set (gradients of the activations being consumed).
 The last stage adds the loss: logits of e V / T, their fp32 softmax (4 V / T) kept for backward per
@@ -56,14 +56,14 @@ from functools import lru_cache
 
 from models.config import MLAConfig
 from models.transformer import StageSpec, split_layers
-from parallel.lora import target_matches
-from parallel.pipeline_schedules import build_schedule, simulate
+from parallel.lowbit.lora import target_matches
+from parallel.pipeline.schedules import build_schedule, simulate
 from train.config import Config
 
 GIB = 2**30
 FRAGMENTATION = 0.10
 FIXED_OVERHEAD = 1 * GIB
-ADAM8_TABLES = 512 * 4 + 131072 + 131072 * 4  # parallel.adam8bit.MomentTables, per device
+ADAM8_TABLES = 512 * 4 + 131072 + 131072 * 4  # parallel.lowbit.adamw8bit.MomentTables, per device
 MIN_8BIT, BLOCK_8BIT, NF4_BLOCK = 4096, 256, 64
 
 
@@ -453,7 +453,7 @@ def estimate_rank(
     per_layer = sum(parts.values())
     e = 2 if tc.precision in ("bf16", "fp16") else 4
     S = tp if dc.sequence_parallel and tp > 1 else 1
-    mode = dc.activation_checkpointing
+    mode = dc.recompute
     kept = {"none": per_layer, "selective": per_layer - parts["core"], "full": e * mcfg.hidden_size / S}[mode]
     in_flight = _peak_in_flight(dc.pp_schedule, dc.pp, m, dc.virtual_stages)[pp_rank]
     est.device["activations"] = int(in_flight * layers / len(chunks) * kept * tokens)

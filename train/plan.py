@@ -18,7 +18,7 @@ Throughput model (for ranking; stated, not measured): a step takes
     F         = train.flops.flops_per_token (6 N_matmul + attention), 4 instead of 6 N_matmul with LoRA
                 (no weight gradients for frozen weights); plus one forward (a third of the full model's
                 F) with full recompute, or a third of the attention FLOPs with selective
-    bubble    = the schedule's idle fraction from parallel.pipeline_schedules.simulate
+    bubble    = the schedule's idle fraction from parallel.pipeline.schedules.simulate
     t_tp      = 4 all-reduces (2 forward, 2 backward; SP: the same bytes as all-gather + reduce-scatter)
                 of b h e bytes per layer and micro-batch, 2 (tp-1)/tp of them over the GPU link
     t_dp      = the fp32 gradient all-reduce 2 (dp-1)/dp 4 P (P: trainable parameters per rank, LoRA
@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from models.config import MLAConfig
-from parallel.pipeline_schedules import build_schedule, simulate
+from parallel.pipeline.schedules import build_schedule, simulate
 from train.config import Config, ConfigError, load_config
 from train.flops import attention_flops_per_token, flops_per_token, matmul_parameters
 from train.memory import GIB, GPU, GPU_PRESETS, MemoryEstimate, estimate_memory, gpu_preset, micro_batches
@@ -73,7 +73,7 @@ class Candidate:
             "zero_stage": dc.zero_stage,
             "offload_optimizer": dc.offload_optimizer,
             "optimizer": self.config.optim.name,
-            "activation_checkpointing": dc.activation_checkpointing,
+            "recompute": dc.recompute,
             "sequence_parallel": dc.sequence_parallel,
             "micro_batch_size": tc.micro_batch_size,
             "precision": tc.precision,
@@ -151,7 +151,7 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
                                 pp=pp,
                                 zero_stage=zero,
                                 offload_optimizer=offload,
-                                activation_checkpointing=recompute,
+                                recompute=recompute,
                                 sequence_parallel=sp,
                                 num_microbatches=None,
                                 pp_layers=None,
@@ -178,9 +178,9 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     if config.lora.enabled:  # frozen weights get no weight gradient
         model_flops -= 2 * matmul_parameters(mcfg)
     flops = model_flops
-    if dc.activation_checkpointing == "full":
+    if dc.recompute == "full":
         flops += flops_per_token(mcfg, seq) / 3  # one more forward
-    elif dc.activation_checkpointing == "selective":
+    elif dc.recompute == "selective":
         flops += attention_flops_per_token(mcfg, seq) / 3
     tokens = tc.global_batch_size * seq
     b = mbs * seq
@@ -191,7 +191,7 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     layers = mcfg.num_layers / dc.pp
     t_tp = 0.0
     if dc.tp > 1:
-        rounds = 4 * (1.5 if dc.activation_checkpointing == "full" else 1)
+        rounds = 4 * (1.5 if dc.recompute == "full" else 1)
         t_tp = rounds * layers * m * 2 * (dc.tp - 1) / dc.tp * b * mcfg.hidden_size * e / link
     trainable = mcfg.num_parameters() / (dc.tp * dc.pp)
     if config.lora.enabled:
@@ -276,7 +276,7 @@ def explain_oom(config: Config, mcfg: MLAConfig, gpus: int, device_name: str, to
     lines = [f"out of memory; the estimate of this layout (pipeline rank {est.pp_rank}):", est.table()]
     gpu = detect_gpu(device_name) if device_name else None
     if gpu is None or total_bytes <= 0:
-        return "\n".join(lines + ["try distributed.activation_checkpointing=full, sequence_parallel, ZeRO"])
+        return "\n".join(lines + ["try distributed.recompute=full, sequence_parallel, ZeRO"])
     found = [c for c in plan(config, mcfg, gpus, gpu, total_bytes / GIB) if c.fits]
     if found:
         lines.append(f"a layout that fits {gpus} x {gpu.name}: {found[0].overrides()}")
@@ -294,7 +294,7 @@ def _table(candidates: list[Candidate]) -> str:
         offload, sp = ("yes" if x[k] else "no" for k in ("offload_optimizer", "sequence_parallel"))
         rows.append(
             f"{x['dp']:>3}{x['tp']:>3}{x['pp']:>3} {x['zero_stage']:>4} {offload:>4} {x['optimizer']:<9} "
-            f"{x['activation_checkpointing']:<9} {sp:<3}{x['micro_batch_size']:>4} "
+            f"{x['recompute']:<9} {sp:<3}{x['micro_batch_size']:>4} "
             f"{c.estimate.total / GIB:>8.1f} {c.estimate.host_total / GIB:>8.1f} "
             f"{c.tokens_per_s:>9,.0f} {c.mfu:>6.1%}"
         )

@@ -19,10 +19,9 @@ import torch.distributed as dist
 
 from models.transformer import MLATransformer
 from parallel.collectives import group_size
-from parallel.data_parallel import DataParallel
-from parallel.pipeline import PipelineExecutor
+from parallel.data import DataParallel, ZeroOptimizer
+from parallel.pipeline.executor import PipelineExecutor
 from parallel.topology import Topology
-from parallel.zero import ZeroOptimizer
 
 
 class ModelRunner:

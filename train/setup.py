@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from models.config import MLAConfig
 from models.deepseek import full_state, load_pretrained, read_config
 from models.transformer import MLATransformer, split_layers
-from parallel.adam8bit import AdamW8bit
-from parallel.lora import apply_lora
+from parallel.data import ZeroOptimizer
+from parallel.data.zero3 import default_units
+from parallel.lowbit.adamw8bit import AdamW8bit
+from parallel.lowbit.lora import apply_lora
 from parallel.topology import Topology
-from parallel.zero import ZeroOptimizer
-from parallel.zero3 import default_units
 from train.config import Config, ConfigError
 from train.context import RunContext
 from train.data import Dataset
@@ -209,7 +209,7 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> dict[int
         if config.train.precision in ("bf16", "fp16"):  # 16-bit weights; fp32 masters in ZeroOptimizer
             chunk = chunk.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
         chunk = chunk.to(topology.device)  # after the cast: the fp32 model never occupies the GPU
-        chunk.set_activation_checkpointing(config.distributed.activation_checkpointing)
+        chunk.set_recompute(config.distributed.recompute)
         chunk.set_sequence_parallel(config.distributed.sequence_parallel)
         if config.train.compile:  # each layer's forward; hooks (ZeRO-3, pipeline) stay outside the graph
             for layer in chunk.model.layers.values():

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parallel.data import ZeroOptimizer
 from parallel.grad_clip import clip_grad_norm_
-from parallel.lora import save_adapter
-from parallel.loss_scaler import DynamicLossScaler
-from parallel.zero import ZeroOptimizer
+from parallel.lowbit.lora import save_adapter
+from parallel.lowbit.loss_scaler import DynamicLossScaler
 from train.checkpointing import Checkpointer, restart_metrics
 from train.config import Config, config_to_dict, dump_config
 from train.context import RunContext

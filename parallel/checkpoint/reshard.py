@@ -49,10 +49,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from parallel.adam8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
-from parallel.quant import dequantize_blockwise, quantize_blockwise
-from parallel.tensor_parallel import tp_dim
-from parallel.zero import ZeroOptimizer
+from parallel.data import ZeroOptimizer
+from parallel.lowbit.adamw8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
+from parallel.lowbit.quant import dequantize_blockwise, quantize_blockwise
+from parallel.tensor import tp_dim
 
 UNIT_FIELDS = ("state1", "absmax1", "state2", "absmax2")
 

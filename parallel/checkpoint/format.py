@@ -42,10 +42,9 @@ import torch.distributed as dist
 from safetensors.torch import save as serialize
 from torch import nn
 
-from parallel.data_parallel import DataParallel
-from parallel.sharded_state import SliceReader, collect, restore
+from parallel.checkpoint.reshard import SliceReader, collect, restore
+from parallel.data import DataParallel, ZeroOptimizer
 from parallel.topology import ParallelDims, Topology
-from parallel.zero import ZeroOptimizer
 
 MANIFEST, LATEST, FORMAT = "manifest.json", "latest", "mla-parallel-checkpoint/1"
 STEP_DIR = re.compile(r"step-(\d+)(\.tmp)?")

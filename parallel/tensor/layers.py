@@ -38,7 +38,7 @@ from parallel.collectives import (
     reduce_scatter_to_group,
     split_to_group,
 )
-from parallel.zero_bubble import linear
+from parallel.pipeline.deferred_wgrad import linear
 
 SEQUENCE_DIM = 1  # activations are (batch, seq, hidden)
 

@@ -68,9 +68,9 @@ from parallel.collectives import (
     reduce_scatter_to_group,
     split_to_group,
 )
-from parallel.data_parallel import DataParallel
-from parallel.quant import NF4Tensor, dequantize_nf4, quantize_nf4
-from parallel.tensor_parallel import (
+from parallel.data import DataParallel
+from parallel.lowbit.quant import NF4Tensor, dequantize_nf4, quantize_nf4
+from parallel.tensor import (
     SEQUENCE_DIM,
     ColumnParallelLinear,
     RowParallelLinear,

@@ -1,4 +1,4 @@
-"""Pipeline parallelism: one executor for any schedule of `parallel.pipeline_schedules`.
+"""Pipeline parallelism: one executor for any schedule of `parallel.pipeline.schedules`.
 
 A pipeline rank holds one model chunk per virtual stage it owns (stage s lives on pp rank s % p). For
 each action of its schedule it:
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.pipeline_schedules import Action, Schedule, build_schedule, simulate
+from parallel.pipeline.deferred_wgrad import WeightGradStore
+from parallel.pipeline.schedules import Action, Schedule, build_schedule, simulate
 from parallel.topology import Topology
-from parallel.zero_bubble import WeightGradStore
 
 ACTIVATION, GRADIENT = 0, 1
 

@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import group_rank, group_size
-from parallel.tensor_parallel import tp_dim
-from parallel.zero3 import ParameterSharding
+from parallel.data.zero3 import ParameterSharding
+from parallel.tensor import tp_dim
 
 ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSprop")
 

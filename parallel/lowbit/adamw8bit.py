@@ -3,7 +3,7 @@ Quantization").
 
 For each parameter p with gradient g at step t (per-parameter t, as torch.optim.AdamW):
 
-    m, v   = dequantize(m8), dequantize(v8)                     fp32, block-wise (see parallel.quant)
+    m, v   = dequantize(m8), dequantize(v8)                     fp32, block-wise (see parallel.lowbit.quant)
     m      = beta1 m + (1 - beta1) g
     v      = beta2 v + (1 - beta2) g^2
     p      = p (1 - lr wd) - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -22,8 +22,8 @@ block).
 Vectorisation: the 8-bit parameters of a group are laid end to end (each padded to whole blocks) and
 processed in chunks of about 2^18 values on CPU (2^24 on GPU): small parameters share a chunk, large ones
 span several. Each chunk is a fixed sequence of about 20 whole-tensor operations (m and v stacked, so
-they are decoded and encoded together; rounding by table lookup, see parallel.quant), so the Python cost
-is per chunk, never per block, and the fp32 temporaries stay cache-sized and bounded whatever the model
+they are decoded and encoded together; rounding by table lookup, see parallel.lowbit.quant), so the Python
+cost is per chunk, never per block, and the fp32 temporaries stay cache-sized and bounded whatever the model
 size. With `compile=True` the chunk function goes through `torch.compile`, compiled on first use for each
 distinct chunk size (typically two or three), never again for a new learning rate or step; if
 compilation fails the optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.quant import create_dynamic_map, rounding_tables
+from parallel.lowbit.quant import create_dynamic_map, rounding_tables
 
 SIGNED_MAP = create_dynamic_map(signed=True)
 UNSIGNED_MAP = create_dynamic_map(signed=False)
@@ -60,7 +60,7 @@ DEFAULT_CHUNK_NUMEL = 2**24
 class MomentTables:
     """The two code books side by side, so that m and v are decoded and encoded by the same operations:
     `code` holds the signed map then the unsigned one (512 values), `cell_code`/`cell_threshold` the
-    signed map's 65,536 cells then the unsigned map's (see parallel.quant.RoundingTables), each rotated
+    signed map's 65,536 cells then the unsigned map's (see parallel.lowbit.quant.RoundingTables), each rotated
     by 32,768 so that the top 16 bits of a float read as a *signed* number, plus 32,768, index them."""
 
     code: torch.Tensor
