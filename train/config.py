@@ -3,8 +3,9 @@
 A config file is a mapping of sections (`model`, `data`, `distributed`, `optim`, `train`, `lora`). Any key
 can be overridden as `section.key=value`, the value read as YAML: `train.steps=10`,
 `optim.betas=[0.9,0.99]`, `model.q_lora_rank=null`, `model.rope_scaling.factor=4` (nested keys only in
-`model`). Values are checked against the dataclass annotations and ranges below; every mistake raises a
-one-line `ConfigError` that names the dotted key, the value and what was expected.
+`model`). Values are checked against the dataclass annotations and the ranges in `train/config_rules.py`;
+every mistake raises a one-line `ConfigError` that names the dotted key, the value and what was expected.
+Each field's docstring is its entry in the configuration reference (`python -m train.config_reference`).
 
 The `model` section keeps only the keys the user set (any `MLAConfig` field, plus `pretrained`); the
 trainer merges them with the `MLAConfig` defaults and the tokenizer's vocabulary size.
@@ -15,11 +16,9 @@ YAML is read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rul
 from __future__ import annotations
 
 import difflib
-import re
-import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,17 @@ from typing import Any
 import yaml
 
 from models.config import MLAConfig
+from train.config_rules import (
+    BOOL_ALIASES,
+    DEPRECATED_KEYS,
+    INVALID,
+    RULES,
+    YamlDumper,
+    YamlLoader,
+    convert,
+    describe,
+    plain,
+)
 from train.schedules import check_curriculum
 
 
@@ -36,83 +46,168 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" (built-in) or a path to a text file / folder
-    tokenizer: str | None = None  # path to a tokenizer.json; None = train one and cache it
-    vocab_size: int = 2048  # target size when training the tokenizer
+    corpus: str = "stdlib"
+    """`stdlib` (the Python standard library's `.py` sources, found at run time) or a path to a text file
+    or a folder of text files (recursive; binary, empty and hidden files skipped)."""
+    tokenizer: str | None = None
+    """A `tokenizer.json` with an `<|endoftext|>` token; null trains a byte-level BPE on the corpus and
+    caches it."""
+    vocab_size: int = 2048
+    """Size of the trained tokenizer, in tokens (>= 257: 256 bytes + `<|endoftext|>`); unused with
+    `data.tokenizer`."""
     seq_len: int = 128
+    """Training sequence length, in tokens (>= 1); at most `model.max_seq_len`."""
     cache_dir: str = ".cache/mla-parallel"
-    max_corpus_mb: float | None = 4.0  # cap on the corpus size in MiB (null: no cap)
-    val_fraction: float = 0.05  # in (0, 0.5]
+    """Folder of the tokenizer and the memory-mapped token files (`train.bin`, `val.bin` + JSON sidecars);
+    shared by every rank."""
+    max_corpus_mb: float | None = 4.0
+    """Cap on the corpus size, in MiB (> 0; null: everything)."""
+    val_fraction: float = 0.05
+    """Fraction of the documents held out for validation, spread over the corpus and never trained on;
+    in (0, 0.5]."""
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "auto"  # auto | gloo | nccl
-    dp: int | None = None  # None = world_size // (tp * pp)
-    tp: int | None = None  # None = chosen from the world size by the trainer
+    backend: str = "auto"
+    """`auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
+    dp: int | None = None
+    """Data-parallel size (>= 1; null: world size / (tp x pp))."""
+    tp: int | None = None
+    """Tensor-parallel size (>= 1; null: 1); must divide `model.num_heads` and `model.intermediate_size`."""
     pp: int = 1
-    zero_stage: int = 0  # 0 | 1 | 2 | 3
+    """Pipeline stages (>= 1)."""
+    zero_stage: int = 0
+    """0 (plain data parallel), 1 (optimizer state + fp32 master weights sharded over dp), 2 (+ gradients),
+    3 (+ parameters)."""
     sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb1p
+    """Split norms, residuals and dropout along the sequence over the TP ranks (needs `data.seq_len`
+    divisible by tp); see the memory guide."""
+    pp_schedule: str = "1f1b"
+    """`gpipe`, `1f1b`, `interleaved_1f1b` (needs `virtual_stages >= 2` and micro-batches a multiple of
+    pp) or `zb1p` (ZB-H1 zero-bubble)."""
     num_microbatches: int | None = None
+    """Micro-batches per step and dp rank (>= 1; null: from `train.micro_batch_size`)."""
     virtual_stages: int = 1
-    pp_layers: list[int] | None = None  # layers per (virtual) stage; None = balanced split
+    """Model chunks per pipeline rank (>= 1; interleaved 1F1B)."""
+    pp_layers: list[int] | None = None
+    """Decoder layers per (virtual) stage, e.g. `[3, 5]` (each >= 1; null: a balanced split)."""
     offload_optimizer: bool = False
-    recompute: str = "none"  # none | full | selective (true/false: full/none)
+    """Keep fp32 master weights and optimizer state in (pinned) CPU memory and run the step on the CPU."""
+    recompute: str = "none"
+    """Activation recompute: `none`, `full` (recompute each decoder layer in backward) or `selective`
+    (recompute only the attention core); `true`/`false` mean `full`/`none`. The old name
+    `distributed.activation_checkpointing` is a deprecated alias that still works."""
     bucket_cap_mb: float = 25.0
+    """Data-parallel gradient bucket size, in MiB (> 0)."""
     timeout_s: float = 600.0
-    startup_timeout_s: float = 1800.0  # collective timeout until the first step is done
+    """Collective timeout once the first step is done, in seconds (> 0): a lost rank fails the job
+    instead of hanging it."""
+    startup_timeout_s: float = 1800.0
+    """Collective timeout until the first step is done (data building, loading), in seconds (> 0)."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit
+    name: str = "adamw"
+    """`adamw`, or `adamw8bit` (`parallel.AdamW8bit`: the same hyper-parameters, moments in 8 bits)."""
     lr: float = 3e-3
+    """Peak learning rate (> 0), reached at the end of warmup."""
     min_lr: float = 3e-4
+    """Final learning rate of the decaying schedules (>= 0, <= `optim.lr`)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's two moment decay rates, each in [0, 1)."""
     eps: float = 1e-8
+    """AdamW's epsilon (> 0)."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (>= 0); none on norms."""
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant | wsd (see train/schedules.py)
-    decay_fraction: float = 0.2  # wsd: the last fraction of train.steps that decays to min_lr
+    """Steps of linear warmup to `optim.lr` (>= 0)."""
+    schedule: str = "cosine"
+    """Learning rate after warmup: `cosine`, `linear`, `constant` or `wsd` (warmup-stable-decay); see
+    `train/schedules.py`."""
+    decay_fraction: float = 0.2
+    """`wsd`: the last fraction of `train.steps` that decays linearly to `optim.min_lr`; in [0, 1]."""
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 16
-    micro_batch_size: int | None = None  # None = global_batch_size // dp (no accumulation)
+    """Sequences per optimizer step, whatever the layout (>= 1)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one rank (>= 1, <= `train.global_batch_size`; null: global / dp,
+    no accumulation)."""
     steps: int = 200
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_clip: float = 1.0  # 0 disables
+    """Optimizer steps (>= 1)."""
+    precision: str = "fp32"
+    """`fp32`; `bf16`, `fp16`: 16-bit weights and activations, fp32 master weights and gradient
+    accumulation in the optimizer; `fp16` adds dynamic loss scaling (`loss_scale`, `skipped_steps` in the
+    metrics)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (>= 0; 0: off)."""
     seed: int = 1234
+    """Seed of the weights and the data order (>= 0)."""
     log_every: int = 10
-    eval_every: int = 50  # 0 disables periodic eval (a final eval still runs)
-    eval_batches: int = 8  # validation size, in global batches of windows (layout-independent)
+    """Steps between progress lines and `metrics.jsonl` records (>= 1)."""
+    eval_every: int = 50
+    """Steps between validations (>= 0; 0: only before and after training)."""
+    eval_batches: int = 8
+    """Validation size, in global batches of windows (>= 1; layout-independent)."""
     save_every: int = 0
+    """Steps between checkpoints into `checkpoints/step-NNNNNNNN/` (>= 0; 0: only at the end and on
+    SIGTERM)."""
     out_dir: str = "runs/default"
-    resume: str = "never"  # never | auto | a path
-    keep_last: int = 3  # checkpoints kept (>= 2)
-    on_nonfinite: str = "raise"  # raise | skip: a NaN/inf loss or gradient norm
-    sample_tokens: int = 48  # tokens generated at the end (0 disables)
+    """Folder the run writes its files into."""
+    resume: str = "never"
+    """`never`; `auto`: the newest complete, checksum-valid checkpoint of `out_dir` (none: start afresh);
+    or a checkpoint folder or run folder."""
+    keep_last: int = 3
+    """Checkpoints kept (>= 2)."""
+    on_nonfinite: str = "raise"
+    """A NaN/inf loss or gradient norm: `raise` (stop, naming the step) or `skip` (no update; counted)."""
+    sample_tokens: int = 48
+    """Tokens of the sample generated at the end (>= 0; 0: none)."""
     sample_prompt: str = "def "
-    curriculum_start_seq_len: int | None = None  # sequence-length warm-up from this length (null: off)
-    curriculum_steps: int = 0  # steps over which the length grows to data.seq_len
-    curriculum_constant_tokens: bool = True  # more, shorter sequences early (else fewer tokens early)
-    max_loss: float | None = None  # stop when a logged train loss is NaN/inf or above this (null: never)
-    mem_warn_fraction: float = 0.9  # warn when memory in use exceeds this fraction of the device's
-    compile: bool = False  # torch.compile each decoder layer's forward
-    compile_backend: str = "inductor"  # torch.compile backend ("eager" checks tracing only)
-    peak_tflops: float | None = None  # per-device peak for MFU (null: from the GPU's preset, if known)
+    """Prompt of the sample generated at the end."""
+    curriculum_start_seq_len: int | None = None
+    """Sequence-length warm-up: the first length, in tokens (>= 1; null: off); with constant tokens a
+    divisor of `data.seq_len`."""
+    curriculum_steps: int = 0
+    """Steps over which the length grows to `data.seq_len` (>= 0; >= 1 when the curriculum is on)."""
+    curriculum_constant_tokens: bool = True
+    """B x L / L_k sequences of length L_k per step (false: B sequences, fewer tokens early)."""
+    max_loss: float | None = None
+    """Stop the run when a logged training loss is NaN/inf or above this (> 0; null: never); sweeps set
+    it."""
+    mem_warn_fraction: float = 0.9
+    """Log a warning when memory in use (the device's on GPU, the host's on CPU) exceeds this fraction; in
+    (0, 1]."""
+    compile: bool = False
+    """`torch.compile` each decoder layer's forward (hooks stay eager)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: `inductor`, or `eager`/`aot_eager` (check tracing only)."""
+    peak_tflops: float | None = None
+    """Per-device dense 16-bit peak for MFU, in TFLOP/s (> 0; null: the detected GPU preset's, no MFU on
+    CPU)."""
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False
+    """Train LoRA adapters only (every other weight frozen); writes `adapter/` (PEFT layout) and the merged
+    model in `final/`."""
     r: int = 8
+    """Adapter rank (>= 1)."""
     alpha: float = 16.0
+    """Adapter scale numerator (> 0): the update is scaled by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapter's input; in [0, 1)."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "q_b_proj", "kv_b_proj", "o_proj"])
-    quantize_base: str | None = None  # None | "nf4"
+    """Linear layers to adapt, by PEFT's rule: a list matches module names equal to or ending in `.` + an
+    entry; a single string is a regular expression over the whole name."""
+    quantize_base: str | None = None
+    """null, or `nf4`: the targeted weights become frozen 4-bit NormalFloat with double quantization
+    (QLoRA), each rank quantizing its own TP shard."""
 
 
 @dataclass
@@ -138,82 +233,6 @@ SECTION_NAMES = ["model", *SECTIONS]
 MODEL_EXTRA_KEYS: dict[str, Any] = {"pretrained": str | None}
 OVERRIDE_FORM = "expected section.key=value, e.g. train.steps=10 or model.rope_scaling.factor=4"
 
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def _one_of(*choices: Any) -> Rule:
-    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
-
-
-def _at_least(low: int) -> Rule:
-    return (lambda v: v >= low), f"a value >= {low}"
-
-
-_POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
-
-# Checked on user-set values that are not null (the defaults already satisfy them).
-RULES: dict[str, Rule] = {
-    "data.vocab_size": _at_least(1),
-    "data.seq_len": _at_least(1),
-    "data.max_corpus_mb": _POSITIVE,
-    "data.val_fraction": ((lambda v: 0 < v <= 0.5), "a value in (0, 0.5]"),
-    "distributed.backend": _one_of("auto", "gloo", "nccl"),
-    "distributed.dp": _at_least(1),
-    "distributed.tp": _at_least(1),
-    "distributed.pp": _at_least(1),
-    "distributed.zero_stage": _one_of(0, 1, 2, 3),
-    "distributed.pp_schedule": _one_of("gpipe", "1f1b", "interleaved_1f1b", "zb1p"),
-    "distributed.num_microbatches": _at_least(1),
-    "distributed.virtual_stages": _at_least(1),
-    "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
-    "distributed.bucket_cap_mb": _POSITIVE,
-    "distributed.timeout_s": _POSITIVE,
-    "distributed.startup_timeout_s": _POSITIVE,
-    "distributed.recompute": _one_of("none", "full", "selective"),
-    "optim.name": _one_of("adamw", "adamw8bit"),
-    "optim.lr": _POSITIVE,
-    "optim.min_lr": _at_least(0),
-    "optim.betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
-    "optim.eps": _POSITIVE,
-    "optim.weight_decay": _at_least(0),
-    "optim.warmup_steps": _at_least(0),
-    "optim.schedule": _one_of("cosine", "linear", "constant", "wsd"),
-    "optim.decay_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"),
-    "train.global_batch_size": _at_least(1),
-    "train.micro_batch_size": _at_least(1),
-    "train.steps": _at_least(1),
-    "train.precision": _one_of("fp32", "bf16", "fp16"),
-    "train.grad_clip": _at_least(0),
-    "train.log_every": _at_least(1),
-    "train.eval_every": _at_least(0),
-    "train.eval_batches": _at_least(1),
-    "train.save_every": _at_least(0),
-    "train.keep_last": _at_least(2),
-    "train.on_nonfinite": _one_of("raise", "skip"),
-    "train.sample_tokens": _at_least(0),
-    "train.curriculum_start_seq_len": _at_least(1),
-    "train.curriculum_steps": _at_least(0),
-    "train.max_loss": _POSITIVE,
-    "train.mem_warn_fraction": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
-    "train.compile_backend": _one_of("inductor", "eager", "aot_eager"),
-    "train.peak_tflops": _POSITIVE,
-    "lora.r": _at_least(1),
-    "lora.alpha": _POSITIVE,
-    "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),
-    "lora.targets": (bool, "at least one module name"),
-    "lora.quantize_base": _one_of("nf4"),
-}
-
-
-# Keys that used to be booleans: true/false still accepted, as these values.
-BOOL_ALIASES: dict[str, dict[bool, str]] = {
-    "distributed.recompute": {True: "full", False: "none"},
-}
-
-# Old key names that still work: section -> {old key: new key}. Each says so once per process.
-DEPRECATED_KEYS: dict[str, dict[str, str]] = {
-    "distributed": {"activation_checkpointing": "recompute"},
-}
 _warned_deprecated: set[str] = set()
 
 
@@ -232,26 +251,6 @@ def _rename_deprecated(name: str, raw: dict) -> dict:
     return renamed
 
 
-# YAML 1.2 floats: unlike PyYAML's YAML 1.1 resolver, the dot is optional (`1e-8`, `3e-4`).
-_FLOAT = re.compile(
-    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
-    r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
-    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
-)
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-for _cls in (_Loader, _Dumper):  # the dumper must quote strings that the loader would read as floats
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-
-
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
@@ -261,59 +260,6 @@ def _unknown(kind: str, prefix: str, name: Any, valid: Sequence[str]) -> ConfigE
     hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
     listing = ", ".join(prefix + v for v in valid)
     return ConfigError(f"unknown {kind} {prefix + str(name)!r}{hint}; valid {kind}s: {listing}")
-
-
-_INVALID = object()
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    """`value` as type `hint` (int -> float, list -> tuple, "a,b" -> ["a", "b"]), or `_INVALID`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None if type(None) in args else _INVALID
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner)
-    if hint is Any:
-        return value
-    if value is None or (isinstance(value, bool) and hint is not bool):
-        return _INVALID
-    if hint in (bool, int, str):
-        return value if isinstance(value, hint) else _INVALID
-    if hint is float:
-        return float(value) if isinstance(value, (int, float)) else _INVALID
-    if origin is dict:
-        return _plain(value) if isinstance(value, dict) else _INVALID
-    if origin in (tuple, list):
-        if origin is list and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)):
-            return _INVALID
-        item_hints = args if origin is tuple else args * len(value)
-        if len(item_hints) != len(value):
-            return _INVALID
-        items = [_convert(v, h) for v, h in zip(value, item_hints, strict=True)]
-        if any(item is _INVALID for item in items):
-            return _INVALID
-        return origin(items)
-    raise TypeError(f"unsupported annotation {hint!r}")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"{_describe(inner)} or null"
-    plural = {int: "integers", float: "numbers", str: "strings"}
-    if origin is tuple:
-        return f"a list of {len(args)} {plural[args[0]]}"
-    if origin is list:
-        return f"a list of {plural[args[0]]} (or one comma-separated string)"
-    if origin is dict:
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, "any value"
-    )
 
 
 def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]:
@@ -329,9 +275,9 @@ def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]
         dotted = f"{name}.{key}"
         if isinstance(value, bool) and dotted in BOOL_ALIASES:
             value = BOOL_ALIASES[dotted][value]
-        typed = _convert(value, hints[key])
-        if typed is _INVALID:
-            raise ConfigError(f"{dotted}={value!r}: expected {_describe(hints[key])}")
+        typed = convert(value, hints[key])
+        if typed is INVALID:
+            raise ConfigError(f"{dotted}={value!r}: expected {describe(hints[key])}")
         check, expected = RULES.get(dotted, (None, ""))
         if check is not None and typed is not None and not check(typed):
             raise ConfigError(f"{dotted}={value!r}: expected {expected}")
@@ -389,7 +335,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}': no such file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}': invalid YAML ({_one_line(err)})") from None
     if raw is None:
@@ -411,7 +357,7 @@ def apply_override(raw: dict, override: str) -> None:
     if len(parts) > 2 and parts[0] != "model":
         raise ConfigError(f"override {override!r}: nested keys are allowed only in the model section")
     try:
-        value = yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)})") from None
     node = raw
@@ -433,21 +379,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(raw)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def config_to_dict(cfg: Config) -> dict:
     """`cfg` as nested dicts of plain YAML types (tuples become lists); `config_from_dict` inverts it."""
-    return _plain(asdict(cfg))
+    return plain(asdict(cfg))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML that `load_config(path)` reads back to an equal `Config`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
+    path.write_text(yaml.dump(config_to_dict(cfg), Dumper=YamlDumper, sort_keys=False))

@@ -1,0 +1,175 @@
+"""The value rules of the run configuration, and the typing and YAML rules its values are read with.
+
+`RULES` maps a dotted key to (check, what is expected); `convert` turns a YAML value into the type of a
+dataclass annotation (or `INVALID`) and `describe` says that type in words for error messages. YAML is
+read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rules make it a string).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _one_of(*choices: Any) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def _at_least(low: int) -> Rule:
+    return (lambda v: v >= low), f"a value >= {low}"
+
+
+_POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
+
+# Checked on user-set values that are not null (the defaults already satisfy them).
+RULES: dict[str, Rule] = {
+    "data.vocab_size": _at_least(1),
+    "data.seq_len": _at_least(1),
+    "data.max_corpus_mb": _POSITIVE,
+    "data.val_fraction": ((lambda v: 0 < v <= 0.5), "a value in (0, 0.5]"),
+    "distributed.backend": _one_of("auto", "gloo", "nccl"),
+    "distributed.dp": _at_least(1),
+    "distributed.tp": _at_least(1),
+    "distributed.pp": _at_least(1),
+    "distributed.zero_stage": _one_of(0, 1, 2, 3),
+    "distributed.pp_schedule": _one_of("gpipe", "1f1b", "interleaved_1f1b", "zb1p"),
+    "distributed.num_microbatches": _at_least(1),
+    "distributed.virtual_stages": _at_least(1),
+    "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
+    "distributed.bucket_cap_mb": _POSITIVE,
+    "distributed.timeout_s": _POSITIVE,
+    "distributed.startup_timeout_s": _POSITIVE,
+    "distributed.recompute": _one_of("none", "full", "selective"),
+    "optim.name": _one_of("adamw", "adamw8bit"),
+    "optim.lr": _POSITIVE,
+    "optim.min_lr": _at_least(0),
+    "optim.betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _at_least(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.schedule": _one_of("cosine", "linear", "constant", "wsd"),
+    "optim.decay_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"),
+    "train.global_batch_size": _at_least(1),
+    "train.micro_batch_size": _at_least(1),
+    "train.steps": _at_least(1),
+    "train.precision": _one_of("fp32", "bf16", "fp16"),
+    "train.grad_clip": _at_least(0),
+    "train.log_every": _at_least(1),
+    "train.eval_every": _at_least(0),
+    "train.eval_batches": _at_least(1),
+    "train.save_every": _at_least(0),
+    "train.keep_last": _at_least(2),
+    "train.on_nonfinite": _one_of("raise", "skip"),
+    "train.sample_tokens": _at_least(0),
+    "train.curriculum_start_seq_len": _at_least(1),
+    "train.curriculum_steps": _at_least(0),
+    "train.max_loss": _POSITIVE,
+    "train.mem_warn_fraction": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
+    "train.compile_backend": _one_of("inductor", "eager", "aot_eager"),
+    "train.peak_tflops": _POSITIVE,
+    "lora.r": _at_least(1),
+    "lora.alpha": _POSITIVE,
+    "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),
+    "lora.targets": (bool, "at least one module name"),
+    "lora.quantize_base": _one_of("nf4"),
+}
+
+# Keys that used to be booleans: true/false still accepted, as these values.
+BOOL_ALIASES: dict[str, dict[bool, str]] = {
+    "distributed.recompute": {True: "full", False: "none"},
+}
+
+# Old key names that still work: section -> {old key: new key}. Each says so once per process.
+DEPRECATED_KEYS: dict[str, dict[str, str]] = {
+    "distributed": {"activation_checkpointing": "recompute"},
+}
+
+
+# YAML 1.2 floats: unlike PyYAML's YAML 1.1 resolver, the dot is optional (`1e-8`, `3e-4`).
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+
+
+class YamlLoader(yaml.SafeLoader):
+    pass
+
+
+class YamlDumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (YamlLoader, YamlDumper):  # the dumper must quote strings that the loader would read as floats
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+INVALID = object()
+
+
+def plain(value: Any) -> Any:
+    """`value` with tuples turned into lists, recursively (plain YAML types)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def convert(value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (int -> float, list -> tuple, "a,b" -> ["a", "b"]), or `INVALID`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else INVALID
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(value, inner)
+    if hint is Any:
+        return value
+    if value is None or (isinstance(value, bool) and hint is not bool):
+        return INVALID
+    if hint in (bool, int, str):
+        return value if isinstance(value, hint) else INVALID
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) else INVALID
+    if origin is dict:
+        return plain(value) if isinstance(value, dict) else INVALID
+    if origin in (tuple, list):
+        if origin is list and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            return INVALID
+        item_hints = args if origin is tuple else args * len(value)
+        if len(item_hints) != len(value):
+            return INVALID
+        items = [convert(v, h) for v, h in zip(value, item_hints, strict=True)]
+        if any(item is INVALID for item in items):
+            return INVALID
+        return origin(items)
+    raise TypeError(f"unsupported annotation {hint!r}")
+
+
+def describe(hint: Any) -> str:
+    """The type `hint` in words, as error messages say what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{describe(inner)} or null"
+    plural = {int: "integers", float: "numbers", str: "strings"}
+    if origin is tuple:
+        return f"a list of {len(args)} {plural[args[0]]}"
+    if origin is list:
+        return f"a list of {plural[args[0]]} (or one comma-separated string)"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, "any value"
+    )
