@@ -1,4 +1,4 @@
-"""Tests for train/data.py: corpus selection, tokenizer, token cache, builder protocol and sampling.
+"""Tests for train/data/: corpus selection, tokenizer, token cache, builder protocol and sampling.
 
 All comparisons are exact: tokens are integers and sampling is a pure function of (seed, step).
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train.data as data
+import train.data.dataset as dataset_module
 from train.data import (
     EOT,
     BatchSampler,
@@ -249,14 +249,14 @@ def test_non_builder_loads_what_the_builder_wrote_before_the_barrier(corpus: Pat
 def test_builder_that_loses_the_rename_race_uses_the_winners_cache(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    train_tokenizer = data._train_tokenizer
+    train_tokenizer = dataset_module.train_tokenizer
 
     def train_while_another_builder_finishes(texts, vocab_size):
-        monkeypatch.setattr(data, "_train_tokenizer", train_tokenizer)
+        monkeypatch.setattr(dataset_module, "train_tokenizer", train_tokenizer)
         _prepare(corpus, tmp_path / "cache", Calls())  # the other builder wins the rename
         return train_tokenizer(texts, vocab_size)
 
-    monkeypatch.setattr(data, "_train_tokenizer", train_while_another_builder_finishes)
+    monkeypatch.setattr(dataset_module, "train_tokenizer", train_while_another_builder_finishes)
     calls = Calls()
     ds = _prepare(corpus, tmp_path / "cache", calls)
     assert any("another builder already wrote" in line for line in calls.lines)

@@ -1,0 +1,29 @@
+"""Corpus, tokenizer, token files and a layout-independent batch sampler.
+
+Pipeline: corpus files -> byte-level BPE tokenizer (HF ``tokenizers``) -> one token stream per split, each
+document followed by ``<|endoftext|>`` -> ``train.bin`` / ``val.bin`` (uint16 or uint32) with JSON sidecars
+in ``cache_dir/<key>/``, written once by the builder rank and memory-mapped read-only by every rank.
+
+Sampling is stateless: the global batch at step k is a pure function of (seed, k, tokens, seq_len,
+global_batch_size), and data-parallel rank r of d takes rows [r*B/d, (r+1)*B/d) of it, so the batch a step
+trains on does not depend on the parallel layout.
+
+Modules: ``sources`` (which files are documents), ``tokenizer`` (BPE training, a given tokenizer.json),
+``dataset`` (token files, their cache and ``prepare_dataset``), ``sampler`` (``BatchSampler``, validation
+windows).
+"""
+
+from train.data.dataset import FORMAT_VERSION, Dataset, prepare_dataset
+from train.data.sampler import BatchSampler, validation_windows
+from train.data.sources import corpus_files
+from train.data.tokenizer import EOT
+
+__all__ = [
+    "EOT",
+    "FORMAT_VERSION",
+    "BatchSampler",
+    "Dataset",
+    "corpus_files",
+    "prepare_dataset",
+    "validation_windows",
+]
