@@ -115,7 +115,6 @@ def _write_run(folder: Path, losses: list[float], curriculum: bool = False) -> P
 
 
 def test_plot_writes_overlaid_curves_into_the_first_run(tmp_path):
-    pytest.importorskip("matplotlib")
     a = _write_run(tmp_path / "a", [6.0, 5.0, 4.5])
     b = _write_run(tmp_path / "b", [6.1, 5.5, 5.0, 4.8])
     written = plot.main([str(a), str(b)])
