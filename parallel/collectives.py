@@ -50,21 +50,25 @@ def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> t
     return torch.cat(chunks, dim=dim)
 
 
-def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _divisible_world(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, what: str) -> int:
+    """The group's size, once `x` is known to split along `dim` into that many equal chunks."""
     world = group_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot {what} dimension {dim} of size {x.shape[dim]} over {world} ranks")
+    return world
+
+
+def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    world = _divisible_world(x, dim, group, "split")
     if world == 1:
         return x
-    if x.shape[dim] % world:
-        raise ValueError(f"cannot split dimension {dim} of size {x.shape[dim]} evenly over {world} ranks")
     return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    world = group_size(group)
+    world = _divisible_world(x, dim, group, "reduce-scatter")
     if world == 1:
         return x
-    if x.shape[dim] % world:
-        raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {world} ranks")
     if dist.get_backend(group) == "gloo":
         # gloo has no reduce_scatter: sum everything, keep this rank's chunk (same result, more bytes).
         return _split(_all_reduce(x.clone(), group), dim, group)

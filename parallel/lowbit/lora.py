@@ -351,20 +351,19 @@ def apply_lora(
         if not targets:
             raise ValueError("lora.targets: expected at least one module name")
     seed = torch.initial_seed() if seed is None else seed
-    chunks = ModelParts.of(model).chunks
-    names = {id(chunk): _targets_in(chunk, targets) for chunk in chunks}
-    if not any(names.values()) and require_match:
+    found = [(chunk, _targets_in(chunk, targets)) for chunk in ModelParts.of(model).chunks]
+    if require_match and not any(names for _, names in found):
         raise ValueError(f"lora.targets={targets!r}: no module of the model matches")
     settings = LoraSettings(targets, r, float(alpha), float(dropout), quantize_base)
-    for chunk in chunks:
+    for chunk, names in found:
         chunk.requires_grad_(False)
-        for name in names[id(chunk)]:
+        for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = chunk.get_submodule(parent_name)
             base = getattr(parent, child)
             setattr(parent, child, LoRALinear(base, r, alpha, dropout, name, seed, quantize_base))
         chunk.lora_settings = settings
-    return [name for chunk in chunks for name in names[id(chunk)]]
+    return [name for _, names in found for name in names]
 
 
 def merge_lora(model: ModelLike) -> None:
@@ -379,7 +378,7 @@ def unmerge_lora(model: ModelLike) -> None:
         module.unmerge()
 
 
-# The adapter files build on this module; imported last so that `lora.save_adapter` keeps working.
+# peft_io imports this module: its functions join this module's public names once all above is defined.
 from parallel.lowbit.peft_io import load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
