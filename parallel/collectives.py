@@ -16,8 +16,12 @@ With `group=None` (or a group of size 1) every op is the identity, so layers run
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
+
+_Op = Callable[[torch.Tensor, int | None, "dist.ProcessGroup | None"], torch.Tensor]  # (x, dim, group)
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -46,21 +50,25 @@ def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> t
     return torch.cat(chunks, dim=dim)
 
 
-def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _divisible_world(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, what: str) -> int:
+    """The group's size, once `x` is known to split along `dim` into that many equal chunks."""
     world = group_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot {what} dimension {dim} of size {x.shape[dim]} over {world} ranks")
+    return world
+
+
+def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    world = _divisible_world(x, dim, group, "split")
     if world == 1:
         return x
-    if x.shape[dim] % world:
-        raise ValueError(f"cannot split dimension {dim} of size {x.shape[dim]} evenly over {world} ranks")
     return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    world = group_size(group)
+    world = _divisible_world(x, dim, group, "reduce-scatter")
     if world == 1:
         return x
-    if x.shape[dim] % world:
-        raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {world} ranks")
     if dist.get_backend(group) == "gloo":
         # gloo has no reduce_scatter: sum everything, keep this rank's chunk (same result, more bytes).
         return _split(_all_reduce(x.clone(), group), dim, group)
@@ -70,79 +78,48 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) 
     return out
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+def _view(x: torch.Tensor, dim: int | None, group: dist.ProcessGroup | None) -> torch.Tensor:
+    return x.view_as(x)
 
 
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+def _keep(x: torch.Tensor, dim: int | None, group: dist.ProcessGroup | None) -> torch.Tensor:
+    return x
 
 
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
+def _sum(x: torch.Tensor, dim: int | None, group: dist.ProcessGroup | None) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)
+
+
+def _conjugate_pair(name: str, forward_op: _Op, backward_op: _Op) -> type[torch.autograd.Function]:
+    """The autograd function `forward_op(x, dim, group)` whose backward is `backward_op(grad, dim, group)`."""
+
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        return forward_op(x, dim, group)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _split(grad, ctx.dim, ctx.group), None, None
+        return backward_op(grad, ctx.dim, ctx.group), None, None
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
-class _SplitToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatterToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherFromSequenceParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+_CopyToGroup = _conjugate_pair("_CopyToGroup", _view, _sum)
+_ReduceFromGroup = _conjugate_pair("_ReduceFromGroup", _sum, _keep)
+_GatherFromGroup = _conjugate_pair("_GatherFromGroup", _all_gather, _split)
+_SplitToGroup = _conjugate_pair("_SplitToGroup", _split, _all_gather)
+_ReduceScatterToGroup = _conjugate_pair("_ReduceScatterToGroup", _reduce_scatter, _all_gather)
+_GatherFromSequenceParallel = _conjugate_pair("_GatherFromSequenceParallel", _all_gather, _reduce_scatter)
 
 
 def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Identity forward; all-reduce (sum) of the gradient backward."""
-    return x if group_size(group) == 1 else _CopyToGroup.apply(x, group)
+    return x if group_size(group) == 1 else _CopyToGroup.apply(x, None, group)
 
 
 def reduce_from_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-reduce (sum) forward; identity backward."""
-    return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, None, group)
 
 
 def gather_from_group(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:

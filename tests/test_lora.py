@@ -23,8 +23,6 @@ from models import MLAConfig, MLATransformer
 from parallel import gather_tensor, shard_tensor
 from parallel.collectives import group_rank, group_size
 from parallel.lowbit.lora import (
-    PEFT_PREFIX,
-    NF4Linear,
     apply_lora,
     load_adapter,
     lora_modules,
@@ -32,6 +30,8 @@ from parallel.lowbit.lora import (
     save_adapter,
     unmerge_lora,
 )
+from parallel.lowbit.nf4_linear import NF4Linear
+from parallel.lowbit.peft_io import PEFT_PREFIX
 from parallel.lowbit.quant import dequantize_nf4, quantize_nf4
 from parallel.tensor import tp_dim
 

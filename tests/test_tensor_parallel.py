@@ -173,19 +173,16 @@ def test_shard_and_gather_round_trip_uneven():
     assert torch.equal(shards[3][1:], torch.zeros(2, 1))
 
 
-def test_row_parallel_rejects_indivisible_input():
+def test_row_parallel_rejects_indivisible_input(monkeypatch):
+    import parallel.tensor.linear as linear_module
+
     class FakeGroup:
         pass
 
+    monkeypatch.setattr(linear_module, "group_size", lambda group: 4)
+    monkeypatch.setattr(linear_module, "group_rank", lambda group: 0)
     with pytest.raises(ValueError, match="in_features=6 is not divisible by tp=4"):
-        import parallel.tensor as tpmod
-
-        original = tpmod.group_size
-        tpmod.group_size = lambda group: 4
-        try:
-            RowParallelLinear(6, 2, group=FakeGroup())
-        finally:
-            tpmod.group_size = original
+        RowParallelLinear(6, 2, group=FakeGroup())
 
 
 def _check_sequence_parallel_round_trip(tp: int) -> None:

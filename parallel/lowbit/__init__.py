@@ -1,2 +1,3 @@
-"""Low-bit training: 8-bit block-wise and NF4 codes (`quant`), 8-bit AdamW (`adamw8bit`), NF4 base
-weights with LoRA adapters and their PEFT file format (`lora`), and fp16 dynamic loss scaling."""
+"""Low-bit training: 8-bit block-wise and NF4 codes (`quant`), 8-bit AdamW (`adamw8bit`, its per-chunk
+kernel in `adamw8bit_kernel`), frozen NF4 base weights (`nf4_linear`), LoRA adapters (`lora`) and their
+PEFT file format (`peft_io`), and fp16 dynamic loss scaling."""
