@@ -1,7 +1,8 @@
 """ZeRO: optimizer state, fp32 master weights and gradients sharded over the data-parallel group.
 
 Parameters are packed, per parameter group, into flat buckets (about `bucket_cap_mb` each, parameters in
-reverse registration order, the order backward produces them). Each bucket is padded to a multiple of
+reverse registration order, the order backward produces them; see parallel/data/buckets.py, which plans
+them and runs the hooks). Each bucket is padded to a multiple of
 the dp size N and cut into N equal chunks; rank r owns chunk r of every bucket. For every owned chunk the
 rank keeps an fp32 master copy of the weights and the inner optimizer's state, so with Adam (K = 12 bytes
 of master + moments per parameter) the optimizer memory per rank falls from 12 P to 12 P / N.
@@ -12,7 +13,7 @@ of master + moments per parameter) the optimizer memory per rank falls from 12 P
     stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
              the full bucket is freed right after (no full gradient kept between steps)
     stage 3  as 2, and the parameters are sharded too: gathered per unit for its forward and backward
-             (parallel/zero3.py); one bucket per unit and parameter group
+             (parallel/data/zero3.py); one bucket per unit and parameter group
 
 Gradients are accumulated in fp32: a hook adds each parameter's gradient (16- or 32-bit) into the fp32
 bucket as soon as autograd has produced it and frees it; a bucket whose parameters are all done is
@@ -20,8 +21,7 @@ reduced asynchronously while backward carries on (stage 1: all-reduce, stage 2: 
 inside `no_sync()`. `sync_gradients()` reduces everything explicitly (the pipeline executor's path).
 
 With `offload=True` the master weights, their gradients and the optimizer state live in (pinned) CPU
-memory and the inner optimizer steps on the CPU; gradient shards go down and updated weights come up.
-On a CPU-only machine the same code runs with host-to-host copies.
+memory and the inner optimizer steps on the CPU (parallel/data/offload.py).
 
 The result is that of the inner optimizer applied to the full, dp-averaged gradient: element-wise
 optimizers (SGD, Adam, AdamW) give the same parameters as the unsharded optimizer. A block-wise one
@@ -71,7 +71,7 @@ class ZeroBucket(Bucket):
         self.grad: torch.Tensor | None = None  # full fp32 accumulator, allocated on first use
         self.shard: torch.Tensor | None = None  # reduce-scatter output (NCCL, stage 2)
         self.drained = False  # reduced and folded into the master gradient this step
-        self.folded: set[nn.Parameter] = set()
+        self.folded: set[nn.Parameter] = set()  # parameters whose gradient is in `grad` this step
 
     def flat_params(self) -> torch.Tensor:
         flat = torch.zeros(self.padded, dtype=self.master_dtype, device=self.device)
@@ -87,7 +87,7 @@ class ZeroBucket(Bucket):
 
 class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
     """Shard `optimizer_cls` (any element-wise torch optimizer) over the dp `group` (ZeRO stage 0-3;
-    stage 3 also shards the parameters of `units`, see parallel/zero3.py).
+    stage 3 also shards the parameters of `units`, see parallel/data/zero3.py).
 
     Use it instead of `DataParallel`: it reduces the gradients itself. `param_groups` are those of an
     ordinary optimizer (LR schedulers work); their hyper-parameters are passed to the inner optimizer at
@@ -277,8 +277,7 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
             if self.shards > 1:
                 dist.all_gather(list(flat.chunk(self.shards)), mine.clone(), group=self.group)
             for p in bucket.params:
-                offset = bucket.offsets[p]
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                p.copy_(bucket.view(flat, p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for master in self.masters:
@@ -331,10 +330,7 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
                 else:
                     flat.copy_(mine)
                 for p in bucket.params:
-                    offset = bucket.offsets[p]
-                    full.setdefault(index_of[p], {})[name] = (
-                        flat[offset : offset + bucket.shapes[p].numel()].view(bucket.shapes[p]).clone()
-                    )
+                    full.setdefault(index_of[p], {})[name] = bucket.view(flat, p).clone()
         return full
 
     @torch.no_grad()
@@ -371,8 +367,7 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
                         )
                     if name not in flats:
                         flats[name] = torch.zeros(bucket.padded, dtype=master.dtype, device=master.device)
-                    offset = bucket.offsets[p]
-                    flats[name][offset : offset + shape.numel()].copy_(value.reshape(-1))
+                    bucket.view(flats[name], p).copy_(value.reshape(shape))
                     if name == "master" and self.sharding is None:
                         p.copy_(value.view_as(p))
             chunks = {name: f[bucket.start : bucket.start + bucket.chunk] for name, f in flats.items()}
