@@ -4,12 +4,13 @@ Each of the N ranks of the dp group runs the same model on its own slice of the 
 gradient of the global mean loss is the mean of the local gradients: g = (1/N) sum_i g_i.
 
 Gradients live in flat buckets (about `bucket_cap_mb` each, parameters in reverse registration order,
-roughly the order backward produces them); `param.grad` is a view into its bucket. A hook fires when a
-parameter's gradient is complete; when every parameter of a bucket is done, the bucket is averaged and an
-asynchronous all-reduce starts while backward carries on with earlier layers. Buckets are launched in a
-fixed order on every rank (never out of order) so collectives always match. At the end of backward all
-outstanding reductions are awaited. Inside `no_sync()` nothing is communicated and gradients accumulate
-locally, for gradient accumulation over micro-batches.
+roughly the order backward produces them; planned and driven by parallel/data/buckets.py); `param.grad`
+is a view into its bucket. A hook fires when a parameter's gradient is complete; when every parameter of
+a bucket is done, the bucket is averaged and an asynchronous all-reduce starts while backward carries on
+with earlier layers. Buckets are launched in a fixed order on every rank (never out of order) so
+collectives always match. At the end of backward all outstanding reductions are awaited. Inside
+`no_sync()` nothing is communicated and gradients accumulate locally, for gradient accumulation over
+micro-batches.
 """
 
 from __future__ import annotations
