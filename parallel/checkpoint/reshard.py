@@ -23,15 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from parallel.checkpoint.slices import (
-    UNIT_FIELDS,
-    chunk_segments,
-    clip,
-    global_shape,
-    named_parameters,
-    param_segment,
-    region,
-)
+from parallel.checkpoint import slices
 from parallel.data import ZeroOptimizer
 from parallel.lowbit.adamw8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
 from parallel.lowbit.quant import dequantize_blockwise, quantize_blockwise
@@ -95,7 +87,7 @@ class SliceReader:
         if uid is None:
             return None
         unit = self.units[uid]
-        return {field: self.get(unit["file"], unit["keys"][field]) for field in UNIT_FIELDS}
+        return {field: self.get(unit["file"], unit["keys"][field]) for field in slices.UNIT_FIELDS}
 
     def _unit_values(self, uid: int, moment: int) -> torch.Tensor:
         if (uid, moment) not in self._dequantized:
@@ -149,11 +141,11 @@ class SliceReader:
 
 def read_local(reader: SliceReader, name: str, p: torch.Tensor, local_shape, tp_rank: int) -> torch.Tensor:
     """This rank's local tensor of `name` for parameter `p` (zero where TP padded it)."""
-    shape = global_shape(local_shape, p)
+    shape = slices.global_shape(local_shape, p)
     saved = reader.shape(name)
     if saved != shape:
         raise ValueError(f"checkpoint tensor {name}: shape {saved}, but the model's is {shape}")
-    data = reader.read(name, clip(region(local_shape, p, tp_rank), shape))
+    data = reader.read(name, slices.clip(slices.region(local_shape, p, tp_rank), shape))
     if tuple(data.shape) == tuple(local_shape):
         return data
     out = data.new_zeros(local_shape)
@@ -222,7 +214,7 @@ def restore(
     reader, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, tp_rank: int
 ) -> None:
     """Load this rank's parameters (and optimizer state, when the checkpoint has it) from `reader`."""
-    names = named_parameters(chunks)
+    names = slices.named_parameters(chunks)
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     for p, name in names.items():
         if zero is None or p not in zero.bucket_of:
@@ -232,7 +224,10 @@ def restore(
         if isinstance(zero.inner, AdamW8bit):
             layout = {}
             for bucket, master in zip(zero.buckets, zero.masters, strict=True):
-                layout[master] = (master.numel(), [s for _, s in chunk_segments(bucket, names, tp_rank)])
+                layout[master] = (
+                    master.numel(),
+                    [s for _, s in slices.chunk_segments(bucket, names, tp_rank)],
+                )
             _requantize(reader, zero.inner, layout)
     elif optimizer is not None:
         state, index = {}, 0
@@ -246,5 +241,5 @@ def restore(
             groups = optimizer.state_dict()["param_groups"]
             optimizer.load_state_dict({"state": state, "param_groups": groups})
         if isinstance(optimizer, AdamW8bit):
-            layout = {p: (p.numel(), [param_segment(names[p], p, tp_rank)]) for p in names}
+            layout = {p: (p.numel(), [slices.param_segment(names[p], p, tp_rank)]) for p in names}
             _requantize(reader, optimizer, layout)
