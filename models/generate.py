@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from models.config import MLAConfig
+from models.mla import LayerCache
 from models.transformer import MLATransformer
 
 
@@ -99,7 +100,7 @@ def forward_with_cache(
     for name, layer in model.model.layers.items():
         i = int(name)
         weight = kv_weights[i] if kv_weights is not None else None
-        x = layer.forward_cached(x, start, cache.latent[i], cache.rope[i], weight)
+        x = layer.forward_cached(x, start, LayerCache(cache.latent[i], cache.rope[i], weight))
     cache.length = end
     return model.head(model.model.norm(x), gather_output=True)
 

@@ -35,6 +35,7 @@ with the same softmax scale.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -137,6 +138,17 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2)
 
 
+@dataclass
+class LayerCache:
+    """One layer's part of the latent KV cache: `latent` (batch, max_len, kv_lora_rank) holds
+    RMSNorm(c_kv), `rope` (batch, max_len, d_rope) holds RoPE(k_pe); `kv_weight`, when given (from
+    `MultiHeadLatentAttention.absorbed_kv_weight`), makes attention run over the latents themselves."""
+
+    latent: torch.Tensor
+    rope: torch.Tensor
+    kv_weight: torch.Tensor | None = None
+
+
 class MultiHeadLatentAttention(nn.Module):
     """Causal MLA over (batch, seq, hidden); heads split over the TP group `group`."""
 
@@ -172,13 +184,7 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         heads = self.local_heads
-        if self.config.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, s, heads, self.d_nope + self.d_rope).transpose(1, 2)
-        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-
+        q_nope, q_pe = self._queries(x)
         latent = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = latent.split([self.config.kv_lora_rank, self.d_rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv))
@@ -192,6 +198,16 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._core(q_nope, q_pe, k_nope, k_pe, v, positions)
         out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
         return self.o_proj(out)
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope, q_pe) of x (batch, seq, hidden), each (batch, local_heads, seq, d), before RoPE."""
+        b, s, _ = x.shape
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, self.local_heads, self.d_nope + self.d_rope).transpose(1, 2)
+        return q.split([self.d_nope, self.d_rope], dim=-1)
 
     def _core(self, q_nope, q_pe, k_nope, k_pe, v, positions) -> torch.Tensor:
         """The attention core: RoPE, scores, softmax, dropout, weighted sum (batch, heads, seq, d_v).
@@ -225,37 +241,26 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_b_proj(eye).view(rank, self.local_heads, self.d_nope + self.d_v)
 
     @torch.no_grad()
-    def forward_cached(
-        self,
-        x: torch.Tensor,
-        start: int,
-        latent_cache: torch.Tensor,
-        rope_cache: torch.Tensor,
-        kv_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
         """Attention (inference only) of new tokens x (batch, s, hidden) at positions [start, start + s).
 
-        Their RMSNorm(c_kv) is written into `latent_cache` (batch, max_len, kv_lora_rank) and their
-        RoPE(k_pe) into `rope_cache` (batch, max_len, d_rope) at [start, start + s); they then attend
-        causally to every cached position [0, start + s). With `kv_weight` (from `absorbed_kv_weight`)
-        attention runs in latent space; without it the cached latents are decompressed per head.
+        Their RMSNorm(c_kv) is written into `cache.latent` and their RoPE(k_pe) into `cache.rope` at
+        [start, start + s); they then attend causally to every cached position [0, start + s). With
+        `cache.kv_weight` attention runs in latent space; without it the cached latents are decompressed
+        per head.
         """
         b, s, _ = x.shape
         heads, end = self.local_heads, start + s
         positions = torch.arange(start, end, device=x.device)
-        if self.config.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, s, heads, self.d_nope + self.d_rope).transpose(1, 2)
-        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_nope, q_pe = self._queries(x)
         q_pe = self.rotary(q_pe, positions)
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.d_rope], dim=-1)
-        latent_cache[:, start:end] = self.kv_a_layernorm(c_kv)
-        rope_cache[:, start:end] = self.rotary(k_pe, positions)
-        latent = latent_cache[:, :end].unsqueeze(1)  # (b, 1, end, rank): shared by every head
-        k_rope = rope_cache[:, :end].unsqueeze(1)
+        cache.latent[:, start:end] = self.kv_a_layernorm(c_kv)
+        cache.rope[:, start:end] = self.rotary(k_pe, positions)
+        latent = cache.latent[:, :end].unsqueeze(1)  # (b, 1, end, rank): shared by every head
+        k_rope = cache.rope[:, :end].unsqueeze(1)
+        kv_weight = cache.kv_weight
         # query i (position start + i) sees keys 0 .. start + i; one new token sees everything
         mask = None
         if s > 1:

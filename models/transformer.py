@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
-from models.mla import MultiHeadLatentAttention, RMSNorm
+from models.mla import LayerCache, MultiHeadLatentAttention, RMSNorm
 from parallel.collectives import (
     copy_to_group,
     gather_from_group,
@@ -123,20 +123,10 @@ class DecoderLayer(nn.Module):
         keep = torch.empty(full, device=y.device).bernoulli_(1 - p).chunk(tp, dim=1)[group_rank(self.group)]
         return y * keep.to(y.dtype) / (1 - p)
 
-    def forward_cached(
-        self,
-        x: torch.Tensor,
-        start: int,
-        latent_cache: torch.Tensor,
-        rope_cache: torch.Tensor,
-        kv_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
         """The layer for new tokens at positions [start, start + s), attending through the latent cache
         (inference; see `MultiHeadLatentAttention.forward_cached`)."""
-        attn = self.self_attn.forward_cached(
-            self.input_layernorm(x), start, latent_cache, rope_cache, kv_weight
-        )
-        x = x + attn
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -273,9 +263,7 @@ class MLATransformer(nn.Module):
         if isinstance(mode, bool):
             mode = "full" if mode else "none"
         if mode not in RECOMPUTE_MODES:
-            raise ValueError(
-                f"distributed.recompute={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}"
-            )
+            raise ValueError(f"distributed.recompute={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
         self.model.recompute = mode
         for layer in self.model.layers.values():
             layer.self_attn.recompute_core = mode == "selective"

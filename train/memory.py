@@ -56,6 +56,7 @@ from functools import lru_cache
 
 from models.config import MLAConfig
 from models.transformer import StageSpec, split_layers
+from parallel.data.buckets import plan_zero_buckets
 from parallel.lowbit.lora import target_matches
 from parallel.pipeline.schedules import build_schedule, simulate
 from train.config import Config
@@ -228,26 +229,20 @@ def _optimizer_bytes(numel: int, name: str) -> int:
 def zero_buckets(
     trainable: list[TensorSpec], shards: int, cap_mb: float, by_unit: bool, align: int = 1
 ) -> list[int]:
-    """Padded sizes of `ZeroOptimizer`'s buckets: per parameter group (matrices, then the rest), in
-    reverse order, cut at `cap_mb` of fp32, (ZeRO-3) wherever the unit changes and (AdamW8bit, `align` >
-    1) wherever TP sharding does; each padded to a multiple of `shards` x `align` (whole quantization
-    blocks per shard)."""
-    cap = int(cap_mb * 2**20 / 4)
+    """Padded sizes of `ZeroOptimizer`'s buckets, planned by the optimizer's own rule
+    (`plan_zero_buckets`) for its two parameter groups: matrices, then the rest."""
     sizes = []
     for group in ([t for t in trainable if t.matrix], [t for t in trainable if not t.matrix]):
-        current: list[TensorSpec] = []
-        for t in reversed(group):
-            same = not current or (
-                (not by_unit or current[0].unit == t.unit)
-                and (align == 1 or current[0].tp_sharded == t.tp_sharded)
-            )
-            if current and (not same or sum(x.numel for x in current) >= cap):
-                sizes.append(sum(x.numel for x in current))
-                current = []
-            current.append(t)
-        if current:
-            sizes.append(sum(x.numel for x in current))
-    return [-(-n // (shards * align)) * shards * align for n in sizes]
+        plans = plan_zero_buckets(
+            [t.numel for t in group],
+            cap_mb,
+            shards,
+            align,
+            units=[t.unit for t in group] if by_unit else None,
+            tp_sharded=[t.tp_sharded for t in group],
+        )
+        sizes += [plan.padded for plan in plans]
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------- estimate

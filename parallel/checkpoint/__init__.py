@@ -1,5 +1,6 @@
 """Sharded, atomic, checksummed checkpoints that load into any (dp, tp, pp, zero) layout: the file format
-and its save/load (`format`), and the re-sharding of parameters and optimizer state (`reshard`)."""
+and its save/load (`format`); tensors named as slices of global ones (`slices`); what each rank writes
+(`collect`) and how any layout reads it back, re-sharded (`reshard`)."""
 
 from parallel.checkpoint.format import (
     LATEST,

@@ -7,7 +7,7 @@
     latest                         the name of the newest checkpoint, updated after the rename
 
 Tensors are named by what they are (`param/<name>`, `optim/<name>/exp_avg`, ...; see
-parallel/sharded_state.py for the names and for who writes which slice), so a checkpoint written under one
+parallel/checkpoint/slices.py for the names and for who writes which slice), so a checkpoint written under one
 (dp, tp, pp, zero_stage) loads under any other, optimizer state included: each rank reads only the
 regions it needs (`safe_open(...).get_slice`) and re-cuts them for its layout. The manifest holds, for
 every tensor, its global shape, dtype and each piece (file, key, region, flat range); the 8-bit AdamW
@@ -42,8 +42,10 @@ import torch.distributed as dist
 from safetensors.torch import save as serialize
 from torch import nn
 
-from parallel.checkpoint.reshard import SliceReader, collect, restore
-from parallel.data import DataParallel, ZeroOptimizer
+from parallel.checkpoint.collect import collect
+from parallel.checkpoint.reshard import SliceReader, restore
+from parallel.data import ZeroOptimizer
+from parallel.pipeline import ModelParts
 from parallel.topology import ParallelDims, Topology
 
 MANIFEST, LATEST, FORMAT = "manifest.json", "latest", "mla-parallel-checkpoint/1"
@@ -52,15 +54,6 @@ STEP_DIR = re.compile(r"step-(\d+)(\.tmp)?")
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _chunks(model: nn.Module | Sequence[nn.Module] | Mapping[int, nn.Module]) -> list[nn.Module]:
-    models = (
-        [model]
-        if isinstance(model, nn.Module)
-        else list(model.values() if isinstance(model, Mapping) else model)
-    )
-    return [m.module if isinstance(m, DataParallel) else m for m in models]
 
 
 def _sha256(path: Path) -> str:
@@ -153,7 +146,7 @@ def save(
     `directory` is replaced. Returns `directory`.
     """
     topology = topology or Topology(ParallelDims())
-    directory, chunks = Path(directory), _chunks(model)
+    directory, chunks = Path(directory), ModelParts.of(model).chunks
     tmp, rank = directory.with_name(directory.name + ".tmp"), topology.rank
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,7 +267,7 @@ def load(
     """
     topology = topology or Topology(ParallelDims())
     reader = SliceReader(Path(directory), read_manifest(directory))
-    chunks = _chunks(model)
+    chunks = ModelParts.of(model).chunks
     manifest = reader.manifest
     restore(reader, chunks, optimizer, topology.tp_rank)
     saved = manifest["layout"]

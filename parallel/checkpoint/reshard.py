@@ -1,41 +1,15 @@
-"""One rank's training state as named slices of global tensors, and back: the layout half of checkpoints.
+"""Load side of re-sharding: each rank reads the regions of the global tensors its own layout needs.
 
-Every tensor is named by what it is, never by where it lived (parameter names carry global layer
-indices, so they do not depend on the pipeline split):
+`SliceReader` assembles any region of a saved tensor from whichever pieces overlap it (dense slices, flat
+slices of ZeRO chunks, dequantized 8-bit units; see parallel/checkpoint/slices.py), so a checkpoint
+written under one (dp, tp, pp, ZeRO stage) loads under any other. `restore` puts the regions in place:
+parameters directly, a plain optimizer's state through `load_state_dict`, a ZeroOptimizer's through
+`load_consolidated_state_dict`, one parameter at a time, which re-cuts them into this layout's chunks.
 
-    param/<parameter>                  a weight; under ZeroOptimizer only the frozen ones (see master)
-    optim/<parameter>/master           ZeroOptimizer's fp32 master weight; preferred over param/ on load
-    optim/<parameter>/<state>          optimizer state shaped like the parameter (exp_avg, exp_avg_sq)
-    optim steps                        the per-parameter step count (a number, in the manifest)
-
-A rank's local tensor is a rectangular *region* of the global one: all of it when replicated over TP,
-rows (or columns) [r*k, (r+1)*k) on TP rank r when sharded along that dimension (k = the local size; the
-last rank's region may run past the global shape where `shard_tensor` zero-padded it). A rank records
-what it writes as
-
-    dense piece   {"index": region clipped to the global shape}    the slice itself
-    flat piece    {"index": region, "flat": [lo, hi]}              elements lo..hi of the region, flattened
-    8-bit unit    {"segments": [{name, shape, index, flat, offset}], "block_size", "numel"}
-
-so that every element is written exactly once: replicated tensors by TP rank 0 only; parameters and
-plain optimizer state by dp rank 0 only (dp replicas are identical); ZeroOptimizer state by every dp rank,
-its own chunk of every bucket, as flat pieces per parameter (no gather at save time: a rank writes what it
-holds, and the checkpoint costs each rank its 1/N share). On load (`SliceReader`), each rank reads the
-region of each of its parameters from whichever pieces overlap it, re-cut for its own layout: a
-ZeroOptimizer rebuilds its chunks with `load_consolidated_state_dict`, one parameter at a time.
-
-AdamW8bit state is stored as it lives in memory: codes and absmax per block of one optimizer tensor (a
-parameter's local shard, or a ZeRO chunk spanning several parameters), with the segments saying which
-parameter elements the blocks cover, so the checkpoint costs 2.03 bytes per parameter, like the state.
-Every TP rank writes its own units, replicated parameters included (a ZeRO chunk may mix them with
-sharded ones, so the codes are that rank's; the dequantized pieces of replicated segments come from TP
-rank 0 only).
-The manifest also lists those segments as pieces of `optim/<parameter>/exp_avg` and `exp_avg_sq`, whose
-values are the dequantized codes. On load, a tensor whose segments and block size equal a saved unit's
-(same layout) takes its codes and absmax unchanged: the resume is exact. Otherwise (another dp, tp, pp or
-ZeRO stage, other blocks) the dequantized fp32 moments are re-quantized in the new blocks: each value
-moves by at most half a code step of its new block (<= 0.7% of the block's absmax). Moments saved by
-AdamW and by AdamW8bit share the names, so either optimizer resumes the other's checkpoint.
+AdamW8bit state: when a tensor's segments and block size equal a saved unit's (same layout) its codes and
+absmax are taken unchanged and the resume is exact; otherwise the dequantized fp32 moments are
+re-quantized in the new blocks, each value moving by at most half a code step of its new block (<= 0.7%
+of the block's absmax).
 """
 
 from __future__ import annotations
@@ -49,171 +23,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from parallel.checkpoint import slices
 from parallel.data import ZeroOptimizer
 from parallel.lowbit.adamw8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
 from parallel.lowbit.quant import dequantize_blockwise, quantize_blockwise
-from parallel.tensor import tp_dim
-
-UNIT_FIELDS = ("state1", "absmax1", "state2", "absmax2")
-
-
-def region(local_shape: Sequence[int], p: torch.Tensor, tp_rank: int) -> list[list[int]]:
-    """[start, stop) per dimension of the global tensor covered by this rank's local tensor."""
-    out = [[0, n] for n in local_shape]
-    dim = tp_dim(p)
-    if dim is not None:
-        out[dim] = [tp_rank * local_shape[dim], (tp_rank + 1) * local_shape[dim]]
-    return out
-
-
-def global_shape(local_shape: Sequence[int], p: torch.Tensor) -> list[int]:
-    out, dim = list(local_shape), tp_dim(p)
-    if dim is not None:
-        out[dim] = p.tp_full_size
-    return out
-
-
-def clip(index: list[list[int]], shape: Sequence[int]) -> list[list[int]]:
-    return [[min(a, n), min(b, n)] for (a, b), n in zip(index, shape, strict=True)]
-
-
-def named_parameters(chunks: Sequence[nn.Module]) -> dict[nn.Parameter, str]:
-    return {p: name for chunk in chunks for name, p in chunk.named_parameters()}
-
-
-class RankState:
-    """What one rank writes: tensors by key (its shard file) and the records that name them."""
-
-    def __init__(self, tp_rank: int) -> None:
-        self.tp_rank = tp_rank
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.pieces: list[dict] = []
-        self.units: list[dict] = []
-        self.steps: dict[str, float] = {}
-
-    def _add(self, name: str, data: torch.Tensor, shape: list[int], piece: dict) -> None:
-        if name in self.tensors:
-            raise ValueError(f"checkpoint: {name} written twice by one rank")
-        self.tensors[name] = data.detach().to("cpu", copy=True).contiguous()
-        dtype = str(data.dtype).removeprefix("torch.")
-        self.pieces.append({"name": name, "key": name, "shape": shape, "dtype": dtype, **piece})
-
-    def dense(self, name: str, value: torch.Tensor, p: torch.Tensor) -> None:
-        shape = global_shape(value.shape, p)
-        index = clip(region(value.shape, p, self.tp_rank), shape)
-        sizes = [b - a for a, b in index]
-        if any(s <= 0 for s in sizes):
-            return  # this rank holds only TP padding
-        self._add(name, value[tuple(slice(0, s) for s in sizes)], shape, {"index": index})
-
-    def flat(self, name: str, data: torch.Tensor, p: torch.Tensor, local_shape, lo: int, hi: int) -> None:
-        index = region(local_shape, p, self.tp_rank)
-        self._add(name, data, global_shape(local_shape, p), {"index": index, "flat": [lo, hi]})
-
-    def unit(self, state: dict, block_size: int, numel: int, segments: list[dict]) -> None:
-        keys = {}
-        for field in UNIT_FIELDS:
-            keys[field] = f"unit{len(self.units)}/{field}"
-            self.tensors[keys[field]] = state[field].detach().to("cpu", copy=True)
-        self.units.append({"keys": keys, "block_size": block_size, "numel": numel, "segments": segments})
-
-
-def _segment(name: str, p: torch.Tensor, local_shape, lo: int, hi: int, offset: int, tp_rank: int) -> dict:
-    return {
-        "name": name,
-        "shape": global_shape(local_shape, p),
-        "index": region(local_shape, p, tp_rank),
-        "flat": [lo, hi],
-        "offset": offset,
-    }
-
-
-def _param_segment(name: str, p: torch.Tensor, tp_rank: int) -> dict:
-    """All of a parameter's local elements, as the one segment of a plain optimizer's 8-bit unit."""
-    segment = _segment(name, p, p.shape, 0, p.numel(), 0, tp_rank)
-    segment["replica"] = tp_dim(p) is None and tp_rank != 0
-    return segment
-
-
-def _chunk_segments(bucket, names: dict, tp_rank: int) -> list[tuple[nn.Parameter, dict]]:
-    """The parameters' elements inside this rank's chunk of a ZeRO bucket, in chunk order. A bucket may
-    mix TP-sharded and replicated parameters; on TP ranks other than 0 the replicated ones are marked
-    `replica` (TP rank 0 writes them)."""
-    out = []
-    for p in bucket.params:
-        offset, n = bucket.offsets[p], bucket.shapes[p].numel()
-        lo, hi = max(bucket.start, offset), min(bucket.start + bucket.chunk, offset + n)
-        if lo < hi:
-            segment = _segment(
-                names[p], p, bucket.shapes[p], lo - offset, hi - offset, lo - bucket.start, tp_rank
-            )
-            segment["replica"] = tp_dim(p) is None and tp_rank != 0
-            out.append((p, segment))
-    return out
-
-
-def _moments(state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The floating-point state tensors shaped like the parameter (not the step, not 8-bit codes)."""
-    return {
-        k: v
-        for k, v in state.items()
-        if k != "step"
-        and k not in UNIT_FIELDS
-        and torch.is_tensor(v)
-        and v.is_floating_point()
-        and v.shape == like.shape
-    }
-
-
-def collect(
-    chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, tp_rank: int, dp_rank: int
-) -> RankState:
-    """Everything this rank alone must write (see the module docstring for who writes what)."""
-    out, names = RankState(tp_rank), named_parameters(chunks)
-    zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
-    for p, name in names.items():
-        if (
-            (zero is None or p not in zero.bucket_of)
-            and dp_rank == 0
-            and (tp_dim(p) is not None or tp_rank == 0)
-        ):
-            out.dense(f"param/{name}", p.detach(), p)
-    if zero is not None:
-        group_of = {m: g for g in zero.inner.param_groups for m in g["params"]}
-        replicated_over_dp = getattr(zero, "shards", zero.world) == 1  # stage 0 keeps buckets whole
-        for bucket, master in zip(zero.buckets, zero.masters, strict=True):
-            if replicated_over_dp and dp_rank != 0:
-                continue
-            state = zero.inner.state.get(master, {})
-            segments = _chunk_segments(bucket, names, tp_rank)
-            for key, value in {"master": master, **_moments(state, master)}.items():
-                for p, seg in segments:
-                    if not seg["replica"]:
-                        piece = value[seg["offset"] : seg["offset"] + seg["flat"][1] - seg["flat"][0]]
-                        out.flat(f"optim/{seg['name']}/{key}", piece, p, bucket.shapes[p], *seg["flat"])
-            if "state1" in state:  # every rank its own blocks (they may span replicated parameters)
-                out.unit(state, group_of[master]["block_size"], master.numel(), [s for _, s in segments])
-            if "step" in state:
-                out.steps.update({seg["name"]: float(state["step"]) for _, seg in segments})
-    elif optimizer is not None and dp_rank == 0:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p)
-                if not state:
-                    continue
-                segment = _param_segment(names[p], p, tp_rank)
-                if "state1" in state:  # every TP rank its own codes: each restores exactly what it had
-                    out.unit(state, group["block_size"], p.numel(), [segment])
-                if segment["replica"]:
-                    continue
-                for key, value in _moments(state, p).items():
-                    out.dense(f"optim/{names[p]}/{key}", value, p)
-                if "step" in state:
-                    out.steps[names[p]] = float(state["step"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
 
 
 class SliceReader:
@@ -274,7 +87,7 @@ class SliceReader:
         if uid is None:
             return None
         unit = self.units[uid]
-        return {field: self.get(unit["file"], unit["keys"][field]) for field in UNIT_FIELDS}
+        return {field: self.get(unit["file"], unit["keys"][field]) for field in slices.UNIT_FIELDS}
 
     def _unit_values(self, uid: int, moment: int) -> torch.Tensor:
         if (uid, moment) not in self._dequantized:
@@ -328,11 +141,11 @@ class SliceReader:
 
 def read_local(reader: SliceReader, name: str, p: torch.Tensor, local_shape, tp_rank: int) -> torch.Tensor:
     """This rank's local tensor of `name` for parameter `p` (zero where TP padded it)."""
-    shape = global_shape(local_shape, p)
+    shape = slices.global_shape(local_shape, p)
     saved = reader.shape(name)
     if saved != shape:
         raise ValueError(f"checkpoint tensor {name}: shape {saved}, but the model's is {shape}")
-    data = reader.read(name, clip(region(local_shape, p, tp_rank), shape))
+    data = reader.read(name, slices.clip(slices.region(local_shape, p, tp_rank), shape))
     if tuple(data.shape) == tuple(local_shape):
         return data
     out = data.new_zeros(local_shape)
@@ -401,7 +214,7 @@ def restore(
     reader, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, tp_rank: int
 ) -> None:
     """Load this rank's parameters (and optimizer state, when the checkpoint has it) from `reader`."""
-    names = named_parameters(chunks)
+    names = slices.named_parameters(chunks)
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     for p, name in names.items():
         if zero is None or p not in zero.bucket_of:
@@ -411,7 +224,10 @@ def restore(
         if isinstance(zero.inner, AdamW8bit):
             layout = {}
             for bucket, master in zip(zero.buckets, zero.masters, strict=True):
-                layout[master] = (master.numel(), [s for _, s in _chunk_segments(bucket, names, tp_rank)])
+                layout[master] = (
+                    master.numel(),
+                    [s for _, s in slices.chunk_segments(bucket, names, tp_rank)],
+                )
             _requantize(reader, zero.inner, layout)
     elif optimizer is not None:
         state, index = {}, 0
@@ -425,5 +241,5 @@ def restore(
             groups = optimizer.state_dict()["param_groups"]
             optimizer.load_state_dict({"state": state, "param_groups": groups})
         if isinstance(optimizer, AdamW8bit):
-            layout = {p: (p.numel(), [_param_segment(names[p], p, tp_rank)]) for p in names}
+            layout = {p: (p.numel(), [slices.param_segment(names[p], p, tp_rank)]) for p in names}
             _requantize(reader, optimizer, layout)

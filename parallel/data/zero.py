@@ -1,7 +1,8 @@
 """ZeRO: optimizer state, fp32 master weights and gradients sharded over the data-parallel group.
 
 Parameters are packed, per parameter group, into flat buckets (about `bucket_cap_mb` each, parameters in
-reverse registration order, the order backward produces them). Each bucket is padded to a multiple of
+reverse registration order, the order backward produces them; see parallel/data/buckets.py, which plans
+them and runs the hooks). Each bucket is padded to a multiple of
 the dp size N and cut into N equal chunks; rank r owns chunk r of every bucket. For every owned chunk the
 rank keeps an fp32 master copy of the weights and the inner optimizer's state, so with Adam (K = 12 bytes
 of master + moments per parameter) the optimizer memory per rank falls from 12 P to 12 P / N.
@@ -12,7 +13,7 @@ of master + moments per parameter) the optimizer memory per rank falls from 12 P
     stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
              the full bucket is freed right after (no full gradient kept between steps)
     stage 3  as 2, and the parameters are sharded too: gathered per unit for its forward and backward
-             (parallel/zero3.py); one bucket per unit and parameter group
+             (parallel/data/zero3.py); one bucket per unit and parameter group
 
 Gradients are accumulated in fp32: a hook adds each parameter's gradient (16- or 32-bit) into the fp32
 bucket as soon as autograd has produced it and frees it; a bucket whose parameters are all done is
@@ -20,8 +21,7 @@ reduced asynchronously while backward carries on (stage 1: all-reduce, stage 2: 
 inside `no_sync()`. `sync_gradients()` reduces everything explicitly (the pipeline executor's path).
 
 With `offload=True` the master weights, their gradients and the optimizer state live in (pinned) CPU
-memory and the inner optimizer steps on the CPU; gradient shards go down and updated weights come up.
-On a CPU-only machine the same code runs with host-to-host copies.
+memory and the inner optimizer steps on the CPU (parallel/data/offload.py).
 
 The result is that of the inner optimizer applied to the full, dp-averaged gradient: element-wise
 optimizers (SGD, Adam, AdamW) give the same parameters as the unsharded optimizer. A block-wise one
@@ -34,38 +34,32 @@ rank. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import group_rank, group_size
+from parallel.data.buckets import Bucket, BucketPlan, GradientBuckets, plan_zero_buckets
+from parallel.data.offload import master_chunk
 from parallel.data.zero3 import ParameterSharding
 from parallel.tensor import tp_dim
 
 ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSprop")
 
 
-class _Bucket:
-    """Flat fp32 gradient accumulator for a run of parameters of one group, and this rank's chunk."""
+class ZeroBucket(Bucket):
+    """A bucket of one parameter group: its flat fp32 gradient accumulator and this rank's chunk of it."""
 
     def __init__(
-        self, params: list[nn.Parameter], group_index: int, world: int, rank: int, align: int = 1
-    ) -> None:
-        self.params = params
+        self, params: list[nn.Parameter], plan: BucketPlan, group_index: int, shards: int, rank: int
+    ):
+        super().__init__(params, plan)
         self.group_index = group_index
         self.device, self.dtype = params[0].device, params[0].dtype
         self.master_dtype = torch.promote_types(self.dtype, torch.float32)  # fp32, or fp64 for fp64 models
-        self.offsets, offset = {}, 0
-        self.shapes = {p: p.shape for p in params}  # kept: ZeRO-3 empties parameters between uses
-        for p in params:
-            self.offsets[p] = offset
-            offset += p.numel()
-        self.numel = offset
-        self.padded = -(-offset // (world * align)) * world * align  # chunks hold whole `align` blocks
-        self.chunk = self.padded // world
+        self.chunk = self.padded // shards
         self.start = rank * self.chunk
         # Where this rank's chunk holds TP-sharded parameters (their norm is summed over tp as well).
         self.sharded_ranges = []
@@ -76,15 +70,13 @@ class _Bucket:
                 self.sharded_ranges.append((lo - self.start, hi - self.start))
         self.grad: torch.Tensor | None = None  # full fp32 accumulator, allocated on first use
         self.shard: torch.Tensor | None = None  # reduce-scatter output (NCCL, stage 2)
-        self.pending = len(params)
-        self.handle: dist.Work | None = None
         self.drained = False  # reduced and folded into the master gradient this step
-        self.folded: set[nn.Parameter] = set()
+        self.folded: set[nn.Parameter] = set()  # parameters whose gradient is in `grad` this step
 
     def flat_params(self) -> torch.Tensor:
         flat = torch.zeros(self.padded, dtype=self.master_dtype, device=self.device)
         for p in self.params:
-            flat[self.offsets[p] : self.offsets[p] + p.numel()].copy_(p.detach().reshape(-1))
+            self.view(flat, p).copy_(p.detach())
         return flat
 
     def grad_buffer(self) -> torch.Tensor:
@@ -93,9 +85,9 @@ class _Bucket:
         return self.grad
 
 
-class ZeroOptimizer(torch.optim.Optimizer):
+class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
     """Shard `optimizer_cls` (any element-wise torch optimizer) over the dp `group` (ZeRO stage 0-3;
-    stage 3 also shards the parameters of `units`, see parallel/zero3.py).
+    stage 3 also shards the parameters of `units`, see parallel/data/zero3.py).
 
     Use it instead of `DataParallel`: it reduces the gradients itself. `param_groups` are those of an
     ordinary optimizer (LR schedulers work); their hyper-parameters are passed to the inner optimizer at
@@ -129,106 +121,57 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.world, self.rank = group_size(group), group_rank(group)
         # Stage 0 reduces over the dp group but keeps everything whole: one "shard" per rank.
         self.shards, self.shard_rank = (1, 0) if stage == 0 else (self.world, self.rank)
-        self.sync_enabled = True
-        self._unit_of = {p: i for i, u in enumerate(units or []) for p in u.parameters()}
-        self._callback_queued = False
-        self._next_to_launch = 0
+        unit_of = {p: i for i, u in enumerate(units or []) for p in u.parameters()}
         # A block-wise optimizer (AdamW8bit) quantizes in blocks of `block_size` elements of the flat
         # chunks it is given: chunk boundaries on block boundaries make the blocks independent of dp.
-        self.align = (
-            int(optimizer_kwargs.get("block_size", 256)) if optimizer_cls.__name__ == "AdamW8bit" else 1
-        )
-        self.buckets = self._build_buckets(bucket_cap_mb)
-        self.bucket_of = {p: b for b in self.buckets for p in b.params}
-
-        master_device = torch.device("cpu") if offload else None
-        pin = offload and torch.cuda.is_available()
-        self.masters: list[torch.Tensor] = []
-        for bucket in self.buckets:
-            chunk = bucket.flat_params()[bucket.start : bucket.start + bucket.chunk]
-            master = chunk.to(master_device or bucket.device).clone()
-            master = master.pin_memory() if pin else master
-            master.grad = torch.zeros_like(master)
-            self.masters.append(master)
-        inner_groups = []
-        for index, group_ in enumerate(self.param_groups):
-            hyper = {k: v for k, v in group_.items() if k != "params"}
-            masters = [m for m, b in zip(self.masters, self.buckets, strict=True) if b.group_index == index]
-            inner_groups.append({"params": masters, **hyper})
-        self.inner = optimizer_cls(inner_groups, **optimizer_kwargs)
-        for bucket in self.buckets:
-            for p in bucket.params:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self.sharding = ParameterSharding(self, units) if stage == 3 else None
-
-    def _build_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
-        cap = int(bucket_cap_mb * 2**20 / 4)
+        align = int(optimizer_kwargs.get("block_size", 256)) if optimizer_cls.__name__ == "AdamW8bit" else 1
         buckets = []
         for index, group_ in enumerate(self.param_groups):
             params = [p for p in group_["params"] if p.requires_grad]
-            current: list[nn.Parameter] = []
-            for p in reversed(params):
-                same = not current or (
-                    self._unit_of.get(current[0]) == self._unit_of.get(p)
-                    and current[0].dtype == p.dtype
-                    and current[0].device == p.device
-                    and (self.align == 1 or (tp_dim(current[0]) is None) == (tp_dim(p) is None))
-                )
-                if current and (not same or sum(q.numel() for q in current) >= cap):
-                    buckets.append(_Bucket(current, index, self.shards, self.shard_rank, self.align))
-                    current = []
-                current.append(p)
-            if current:
-                buckets.append(_Bucket(current, index, self.shards, self.shard_rank, self.align))
-        return buckets
+            plans = plan_zero_buckets(
+                [p.numel() for p in params],
+                bucket_cap_mb,
+                self.shards,
+                align,
+                units=[unit_of.get(p) for p in params],
+                tp_sharded=[tp_dim(p) is not None for p in params],
+                storage=[(p.dtype, p.device) for p in params],
+            )
+            for plan in plans:
+                members = [params[i] for i in plan.members]
+                buckets.append(ZeroBucket(members, plan, index, self.shards, self.shard_rank))
+        self._attach_buckets(buckets)
+        self.masters = [master_chunk(b.flat_params()[b.start : b.start + b.chunk], offload) for b in buckets]
+        inner_groups = []
+        for index, group_ in enumerate(self.param_groups):
+            hyper = {k: v for k, v in group_.items() if k != "params"}
+            masters = [m for m, b in zip(self.masters, buckets, strict=True) if b.group_index == index]
+            inner_groups.append({"params": masters, **hyper})
+        self.inner = optimizer_cls(inner_groups, **optimizer_kwargs)
+        self.sharding = ParameterSharding(self, units) if stage == 3 else None
 
     # ------------------------------------------------------------------ gradient reduction
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally (fp32); the first backward outside the block reduces them."""
-        previous, self.sync_enabled = self.sync_enabled, False
-        try:
-            yield
-        finally:
-            self.sync_enabled = previous
-
-    def _fold(self, p: nn.Parameter) -> None:
-        bucket = self.bucket_of[p]
+    def _take_grad(self, bucket: ZeroBucket, p: nn.Parameter) -> None:
         if p.grad is not None:
-            offset = bucket.offsets[p]
-            bucket.grad_buffer()[offset : offset + p.numel()].add_(p.grad.reshape(-1))
-            p.grad = None
+            bucket.view(bucket.grad_buffer(), p).add_(p.grad)
+            p.grad = None  # its values live on in fp32: freeing it keeps one full gradient, not two
         bucket.folded.add(p)
 
-    def _on_grad_ready(self, p: nn.Parameter) -> None:
-        self._fold(p)
-        if not self.sync_enabled:
+    def _start_reduction(self, bucket: ZeroBucket) -> None:
+        grad = bucket.grad_buffer()
+        if self.world == 1:
             return
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_reduction)
-            self._callback_queued = True
-        bucket = self.bucket_of[p]
-        bucket.pending -= 1
-        if bucket.pending == 0:
-            self._launch_ready()
+        grad.div_(self.world)
+        if self.stage >= 2 and dist.get_backend(self.group) != "gloo":
+            bucket.shard = torch.empty(bucket.chunk, dtype=grad.dtype, device=grad.device)
+            bucket.handle = dist.reduce_scatter_tensor(bucket.shard, grad, group=self.group, async_op=True)
+        else:  # stage 0/1, or gloo (whose reduce-scatter is slower than all-reduce): keep the chunk
+            bucket.handle = dist.all_reduce(grad, group=self.group, async_op=True)
 
-    def _launch_ready(self) -> None:
-        while self._next_to_launch < len(self.buckets) and self.buckets[self._next_to_launch].pending == 0:
-            bucket = self.buckets[self._next_to_launch]
-            grad = bucket.grad_buffer()
-            if self.world > 1:
-                grad.div_(self.world)
-                if self.stage >= 2 and dist.get_backend(self.group) != "gloo":
-                    bucket.shard = torch.empty(bucket.chunk, dtype=grad.dtype, device=grad.device)
-                    bucket.handle = dist.reduce_scatter_tensor(
-                        bucket.shard, grad, group=self.group, async_op=True
-                    )
-                else:  # stage 0/1, or gloo (whose reduce-scatter is slower than all-reduce): keep the chunk
-                    bucket.handle = dist.all_reduce(grad, group=self.group, async_op=True)
-            self._next_to_launch += 1
-            if self.stage >= 2 and self._next_to_launch >= 3:
-                self._drain(self._next_to_launch - 3)  # two reductions stay in flight, older ones are freed
+    def _after_launch(self) -> None:
+        if self.stage >= 2 and self._next_to_launch >= 3:
+            self._drain(self._next_to_launch - 3)  # two reductions stay in flight, older ones are freed
 
     def _drain(self, index: int) -> None:
         """Wait for bucket `index`'s reduction, add this rank's chunk to its master gradient, and (stage
@@ -252,26 +195,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket.grad.zero_()
         bucket.drained = True
 
-    def _finish_reduction(self) -> None:
-        for bucket in self.buckets:
-            bucket.pending = 0  # parameters that got no gradient this step contribute zeros
-        self._launch_ready()
-        for index, bucket in enumerate(self.buckets):
-            self._drain(index)
-            bucket.drained = False
-            bucket.pending = len(bucket.params)
-            bucket.folded.clear()
-        self._next_to_launch = 0
-        self._callback_queued = False
+    def _end_reduction(self, index: int) -> None:
+        self._drain(index)
+        self.buckets[index].drained = False
+        self.buckets[index].folded.clear()
 
     def sync_gradients(self) -> None:
         """Reduce everything now: for callers that ran every backward inside `no_sync()` (pipelines)."""
-        for bucket in self.buckets:
-            for p in bucket.params:
-                if p not in bucket.folded or p.grad is not None:
-                    self._fold(p)
-            bucket.pending = 0
-        self._finish_reduction()
+        super().sync_gradients()
         if self.sharding is not None:
             self.sharding.release_all()
 
@@ -346,8 +277,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if self.shards > 1:
                 dist.all_gather(list(flat.chunk(self.shards)), mine.clone(), group=self.group)
             for p in bucket.params:
-                offset = bucket.offsets[p]
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                p.copy_(bucket.view(flat, p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for master in self.masters:
@@ -400,10 +330,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 else:
                     flat.copy_(mine)
                 for p in bucket.params:
-                    offset = bucket.offsets[p]
-                    full.setdefault(index_of[p], {})[name] = (
-                        flat[offset : offset + bucket.shapes[p].numel()].view(bucket.shapes[p]).clone()
-                    )
+                    full.setdefault(index_of[p], {})[name] = bucket.view(flat, p).clone()
         return full
 
     @torch.no_grad()
@@ -440,8 +367,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                         )
                     if name not in flats:
                         flats[name] = torch.zeros(bucket.padded, dtype=master.dtype, device=master.device)
-                    offset = bucket.offsets[p]
-                    flats[name][offset : offset + shape.numel()].copy_(value.reshape(-1))
+                    bucket.view(flats[name], p).copy_(value.reshape(shape))
                     if name == "master" and self.sharding is None:
                         p.copy_(value.view_as(p))
             chunks = {name: f[bucket.start : bucket.start + bucket.chunk] for name, f in flats.items()}

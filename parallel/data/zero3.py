@@ -53,7 +53,6 @@ class ParameterSharding:
             if None in owners or len(owners) != 1:
                 raise ValueError("ZeRO-3: every bucket must lie inside one unit (build it with `units=`)")
             self.unit_buckets[owners.pop()].append(bucket)
-        self.shapes = {p: shape for b in optimizer.buckets for p, shape in b.shapes.items()}
         self.gathered = [False] * len(units)
         self.pending: dict[int, tuple[list, list]] = {}  # unit -> (async works, flat buffers)
         self.folded = [0] * len(units)
@@ -97,8 +96,7 @@ class ParameterSharding:
             work.wait()
         for bucket, flat in zip(self.unit_buckets[index], flats, strict=True):
             for p in bucket.params:
-                offset = bucket.offsets[p]
-                p.data = flat[offset : offset + self.shapes[p].numel()].view(self.shapes[p])
+                p.data = bucket.view(flat, p)
         self.gathered[index] = True
 
     def _release(self, index: int) -> None:
