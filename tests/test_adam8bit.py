@@ -447,8 +447,8 @@ def test_compiled_kernel_matches_eager():
 
 def test_build_optimizer_selects_adamw8bit_with_the_configured_hyper_parameters():
     from parallel import ParallelDims, Topology
+    from train.build import build_optimizer
     from train.config import load_config
-    from train.trainer import build_optimizer
 
     config = load_config(overrides=["optim.name=adamw8bit", "optim.betas=[0.9,0.99]", "optim.eps=1e-7"])
     single_process = Topology(dims=ParallelDims(), rank=0, local_rank=0, device=torch.device("cpu"))
