@@ -4,7 +4,7 @@ An out-of-memory error is injected (a `train.faults.FaultPlan` with `oom` pairs)
 later micro-batch, after earlier micro-batches have already accumulated gradients: the step must be
 discarded and redone with half the micro-batch. The loss curve then equals the uninterrupted run's to
 rel 1e-5 (loss) and 1e-4 (gradient norm), the tolerances of tests/test_cli.py: only the split into
-micro-batches, and so the order of the fp32 sums, changes.
+micro-batches, and so the order of the fp32 sums, changes (bf16: 1e-3 on the gradient norm, below).
 """
 
 import pytest
@@ -64,9 +64,12 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_loss_curve(
     history = recovered["history"]
     assert [h.get("micro_batch_size") for h in history] == [None, 2, 1, 1]
     assert history[-1]["oom_retries"] == 2
+    # bf16: each micro-batch's gradient is rounded to bf16 before the fp32 bucket sums it, so another
+    # split changes more than the summation order (measured: 1.5e-4 relative on the gradient norm)
+    rel_norm = 1e-4 if precision == "fp32" else 1e-3
     for got, want in zip(history, reference["history"], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel_norm)
 
 
 def test_out_of_memory_at_micro_batch_one_stops_with_the_estimate(tmp_path, cache_dir, capsys):

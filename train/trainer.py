@@ -75,8 +75,8 @@ class Trainer:
             log=context.log,
         )
         self.mcfg = model_config(config, self.dataset.vocab_size)
-        check_tokens(self.mcfg, self.dataset)
         self.layout = Layout.resolve(config, self.mcfg, topo.dp_size, topo.tp_size)
+        check_tokens(self.mcfg, self.dataset)
         seq_len = config.data.seq_len
         self.sampler = BatchSampler(self.dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
         self.val_windows = validation_windows(
