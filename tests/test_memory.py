@@ -86,11 +86,11 @@ def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int
     _warm_caches()
     with grid(dp=dp, tp=tp, pp=pp) if dp * tp * pp > 1 else _single() as topo:
         before = _storages()
-        chunks = build_model(config, mcfg, topo)
-        optimizer = build_optimizer(chunks, config, topo)
+        parts = build_model(config, mcfg, topo)
+        optimizer = build_optimizer(parts, config, topo)
         zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
         runner = ModelRunner(
-            chunks,
+            parts,
             topo,
             micro_batch_size=2,
             num_microbatches=8 // dp // 2,
@@ -113,7 +113,7 @@ def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int
         live = sum(n for ptr, (n, _) in after.items() if ptr not in before and ptr in again)
         del again
         estimate = estimate_rank(config, mcfg, topo.pp_rank).resting_state
-        del before, after, chunks, optimizer, zero, runner
+        del before, after, parts, optimizer, zero, runner
     return live, estimate
 
 

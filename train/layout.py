@@ -159,10 +159,3 @@ class Layout:
         )
         check_supported(resolved, mcfg)
         return cls(resolved, mcfg, mbs, m)
-
-    def stages(self, pp_rank: int) -> dict[int, StageSpec]:
-        return rank_stages(self.config, self.model, pp_rank)
-
-    @property
-    def uses_zero(self) -> bool:
-        return uses_zero(self.config)
