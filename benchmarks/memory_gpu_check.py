@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.config import MLAConfig  # noqa: E402
 from parallel import ParallelDims, init_distributed  # noqa: E402
 from parallel.data import ZeroOptimizer  # noqa: E402
+from train.build import build_model, build_optimizer  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.memory import GIB, estimate_rank  # noqa: E402
 from train.runner import ModelRunner  # noqa: E402
-from train.trainer import build_model, build_optimizer  # noqa: E402
 
 MODEL = [  # examples/configs/small.yaml's shape, with a 32k vocabulary
     "model.vocab_size=32768",
@@ -77,12 +77,12 @@ def measure(overrides: list[str]) -> dict:
     topo = init_distributed(ParallelDims())
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    chunks = build_model(config, mcfg, topo)
-    optimizer = build_optimizer(chunks, config, topo)
+    parts = build_model(config, mcfg, topo)
+    optimizer = build_optimizer(parts, config, topo)
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     mbs = config.train.micro_batch_size
     runner = ModelRunner(
-        chunks,
+        parts,
         topo,
         micro_batch_size=mbs,
         num_microbatches=config.train.global_batch_size // mbs,
@@ -101,7 +101,7 @@ def measure(overrides: list[str]) -> dict:
         optimizer.zero_grad(set_to_none=False)
         peak = torch.cuda.max_memory_allocated() - base
     est = estimate_rank(config, mcfg, 0)
-    del chunks, optimizer, zero, runner, batch
+    del parts, optimizer, zero, runner, batch
     return {
         "resting_measured": resting,
         "resting_estimated": est.resting_state - sum(est.host.values()),

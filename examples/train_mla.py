@@ -16,12 +16,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from models.config import MLAConfig
 from train.config import ConfigError, config_to_dict, load_config
 from train.context import fail
-from train.faults import NonFiniteError
+from train.faults import FaultPlan, NonFiniteError
 from train.trainer import train_once
 
 
 @record  # under torchrun, an uncaught exception's traceback reaches torchrun's failure summary
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> dict | None:
+    """Parse the command line and train; `faults` is the test seam (tests/fault_entry.py), None here."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             print("# model.vocab_size, unless set, is the trained tokenizer's vocabulary size")
             print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return None
-        return train_once(config)
+        return train_once(config, faults=faults)
     except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         fail(str(error).splitlines()[0] if str(error) else repr(error))
 

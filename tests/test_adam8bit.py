@@ -447,12 +447,13 @@ def test_compiled_kernel_matches_eager():
 
 def test_build_optimizer_selects_adamw8bit_with_the_configured_hyper_parameters():
     from parallel import ParallelDims, Topology
+    from parallel.pipeline import ModelParts
+    from train.build import build_optimizer
     from train.config import load_config
-    from train.trainer import build_optimizer
 
     config = load_config(overrides=["optim.name=adamw8bit", "optim.betas=[0.9,0.99]", "optim.eps=1e-7"])
     single_process = Topology(dims=ParallelDims(), rank=0, local_rank=0, device=torch.device("cpu"))
-    optimizer = build_optimizer({0: MLATransformer(TINY_MODEL)}, config, single_process)
+    optimizer = build_optimizer(ModelParts.of(MLATransformer(TINY_MODEL)), config, single_process)
     assert isinstance(optimizer, AdamW8bit)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [config.optim.weight_decay, 0.0]
     assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-7 for g in optimizer.param_groups)

@@ -11,7 +11,6 @@ Tolerances:
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -278,21 +277,21 @@ def cache_dir(tmp_path_factory) -> str:
     return str(cache)
 
 
-def _train_once(args: list[str], env: dict | None = None) -> dict | str:
+def _train_once(args: list[str], nan: dict | None = None) -> dict | str:
     """train_once in this process (a pooled rank, or the test process): its summary, or the message of
-    the NonFiniteError it raised."""
+    the NonFiniteError it raised. `nan={"step": k, "rank": r}` makes step k NaN on global rank r."""
+    import torch.distributed as dist
+
     from train.config import load_config
-    from train.faults import NonFiniteError
+    from train.faults import FaultPlan, NonFiniteError
     from train.trainer import train_once
 
-    os.environ.update(env or {})
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    faults = FaultPlan(nan_step=nan["step"]) if nan and nan["rank"] == rank else None
     try:
-        return train_once(load_config(None, args))
+        return train_once(load_config(None, args), faults=faults)
     except NonFiniteError as error:
         return str(error)
-    finally:
-        for key in env or {}:
-            del os.environ[key]
 
 
 def _losses(out_dir: Path, first: int = 0) -> list[tuple[int, float, float]]:
@@ -403,8 +402,8 @@ def test_checkpoint_of_tp2_resumes_under_another_layout(layout, cache_dir, tp2_r
 def test_a_nan_on_one_rank_is_seen_by_every_rank(policy, cache_dir, tmp_path):
     """NaN loss and gradients on rank 1 only, at step 2 of a dp=2 run."""
     args = [*TRAIN, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}", "distributed.dp=2"]
-    env = {"MLA_FAULT_NAN_STEP": "2", "MLA_FAULT_RANK": "1"}
-    results = run_distributed(2, _train_once, [*args, f"train.on_nonfinite={policy}", "train.steps=4"], env)
+    nan = {"step": 2, "rank": 1}
+    results = run_distributed(2, _train_once, [*args, f"train.on_nonfinite={policy}", "train.steps=4"], nan)
     if policy == "raise":
         assert all(isinstance(r, str) and "at step 2" in r for r in results), results
         return

@@ -4,7 +4,8 @@ Every run here is dp=2 with ZeRO-1 and 8-bit AdamW, 6 steps, a checkpoint every 
 `train.resume=auto`. Interrupted runs must end with the loss curve of the uninterrupted one bit for bit
 (loss, gradient norm, learning rate, validation loss) and the same final weights byte for byte: a resume
 in the same layout restores every number, 8-bit codes and RNG states included. Faults are injected with
-the MLA_FAULT_* variables of train/faults.py, on the first torchrun attempt only.
+a `train.faults.FaultPlan` that tests/fault_entry.py builds from its `--fault-*` options (rank 1, first
+torchrun attempt only).
 """
 
 import json
@@ -17,6 +18,7 @@ import pytest
 from test_cli import SCRIPT, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULT_ENTRY = str(Path(__file__).resolve().parent / "fault_entry.py")
 COMMON = [
     *TINY,
     "train.steps=6",
@@ -28,10 +30,12 @@ COMMON = [
 ]
 
 
-def torchrun(args: list[str], env: dict | None = None, max_restarts: int = 0) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], faults: list[str] = (), max_restarts: int = 0) -> subprocess.CompletedProcess:
+    """examples/train_mla.py under torchrun on 2 processes; with `faults` (`--fault-*` options), the same
+    main through tests/fault_entry.py."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += [f"--max-restarts={max_restarts}", SCRIPT, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd += [f"--max-restarts={max_restarts}", FAULT_ENTRY if faults else SCRIPT, *faults, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=full_env, cwd=ROOT)
 
 
@@ -62,7 +66,7 @@ def _assert_same_run(out: Path, reference: Path) -> None:
 
 def test_sigterm_saves_and_the_resumed_run_continues_bit_for_bit(cache_dir, reference, tmp_path):
     args = [*COMMON, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
-    stopped = torchrun(args, env={"MLA_FAULT_SIGTERM_STEP": "3"})  # rank 1 only: every rank must stop
+    stopped = torchrun(args, faults=["--fault-sigterm-step=3"])  # rank 1 only: every rank must stop
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopping: SIGTERM: stopped after step 3, checkpoint saved" in stopped.stdout
     checkpoints = tmp_path / "checkpoints"
@@ -86,7 +90,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_last_chec
     cache_dir, reference, tmp_path
 ):
     args = [*COMMON, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
-    result = torchrun(args, env={"MLA_FAULT_KILL_STEP": "3"}, max_restarts=1)  # SIGKILL, rank 1, step 3
+    result = torchrun(args, faults=["--fault-kill-step=3"], max_restarts=1)  # SIGKILL, rank 1, step 3
     assert result.returncode == 0, result.stderr[-3000:]
     # A real kill, seen by torchrun: rank 1's SIGKILL (-9), or, when torchrun notices rank 0's broken
     # collective first, its SIGTERM of the survivors (-15); either way the attempt failed and restarted.
@@ -97,7 +101,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_last_chec
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(cache_dir, reference, tmp_path):
     args = [*COMMON, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
-    result = torchrun(args, env={"MLA_FAULT_KILL_IN_SAVE": "4"}, max_restarts=1)
+    result = torchrun(args, faults=["--fault-kill-in-save=4"], max_restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
     incomplete = tmp_path / "checkpoints" / "step-00000004.tmp"
     assert f"warning: skipping checkpoint {incomplete}: incomplete" in result.stderr

@@ -218,3 +218,25 @@ def test_world_size_mismatch_and_indivisible_heads_fail_fast_under_torchrun(cach
     _assert_one_line_error(result, "model.num_heads=3 is not divisible by tp=2")
     result = run_cli([*common, "distributed.pp=2", "model.num_layers=1"], nproc=2, timeout=120)
     _assert_one_line_error(result, "model.num_layers=1 is too few for 2 pipeline stages")
+
+
+TIED_FOLDER = ROOT / "tests" / "fixtures" / "deepseek_v2_tied_yarn"  # tie_word_embeddings: true
+
+
+def test_zero3_refuses_the_tied_embeddings_of_a_pretrained_folder():
+    """The check reads the resolved model config: the folder ties its embeddings though no key says so."""
+    from train.config import ConfigError, load_config
+    from train.layout import Layout, model_config
+
+    overrides = [f"model.pretrained={TIED_FOLDER}", "distributed.zero_stage=3", "data.seq_len=32"]
+    config = load_config(None, overrides)
+    mcfg = model_config(config, vocab_size=131)
+    with pytest.raises(ConfigError, match="model.tie_embeddings=true with distributed.zero_stage=3"):
+        Layout.resolve(config, mcfg, dp=1, tp=1)
+
+
+def test_zero3_with_a_tied_pretrained_folder_is_a_one_line_error(cache_dir, tmp_path):
+    run_keys = [arg for arg in TINY if not arg.startswith("model.")]  # the folder defines the model
+    args = [*run_keys, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
+    result = run_cli([*args, f"model.pretrained={TIED_FOLDER}", "distributed.zero_stage=3"], timeout=120)
+    _assert_one_line_error(result, "model.tie_embeddings=true", "distributed.zero_stage=3")

@@ -26,16 +26,10 @@ from dist_harness import grid, run_distributed
 from models import MLAConfig, MLATransformer
 from models.transformer import StageSpec
 from parallel import ParallelDims, init_distributed
+from train.activations import layer_activation_bytes
 from train.config import load_config
-from train.memory import (
-    GPU_PRESETS,
-    detect_gpu,
-    estimate_memory,
-    estimate_rank,
-    gpu_preset,
-    layer_activation_bytes,
-    nf4_bytes,
-)
+from train.gpus import GPU_PRESETS, detect_gpu, gpu_preset
+from train.memory import estimate_memory, estimate_rank, nf4_bytes
 
 MODEL = dict(
     vocab_size=1001,
@@ -81,8 +75,8 @@ def _warm_caches() -> None:
 def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int]:
     """(live bytes, estimated resting state) of this rank after two steps of the configured layout."""
     from parallel.data import ZeroOptimizer
+    from train.build import build_model, build_optimizer
     from train.runner import ModelRunner
-    from train.trainer import build_model, build_optimizer
 
     dp, tp, pp = dims
     args = [f"model.{k}={v}" for k, v in MODEL.items()] + ["data.seq_len=16", "train.global_batch_size=8"]
@@ -92,11 +86,11 @@ def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int
     _warm_caches()
     with grid(dp=dp, tp=tp, pp=pp) if dp * tp * pp > 1 else _single() as topo:
         before = _storages()
-        chunks = build_model(config, mcfg, topo)
-        optimizer = build_optimizer(chunks, config, topo)
+        parts = build_model(config, mcfg, topo)
+        optimizer = build_optimizer(parts, config, topo)
         zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
         runner = ModelRunner(
-            chunks,
+            parts,
             topo,
             micro_batch_size=2,
             num_microbatches=8 // dp // 2,
@@ -119,7 +113,7 @@ def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int
         live = sum(n for ptr, (n, _) in after.items() if ptr not in before and ptr in again)
         del again
         estimate = estimate_rank(config, mcfg, topo.pp_rank).resting_state
-        del before, after, chunks, optimizer, zero, runner
+        del before, after, parts, optimizer, zero, runner
     return live, estimate
 
 

@@ -1,15 +1,16 @@
 """The live memory monitor and out-of-memory recovery of the trainer (train/monitor.py), on CPU.
 
-An out-of-memory error is injected (MLA_INJECT_OOM) in the forward of a later micro-batch, after earlier
-micro-batches have already accumulated gradients: the step must be discarded and redone with half the
-micro-batch. The loss curve then equals the uninterrupted run's to rel 1e-5 (loss) and 1e-4 (gradient
-norm), the tolerances of tests/test_cli.py: only the split into micro-batches, and so the order of the
-fp32 sums, changes.
+An out-of-memory error is injected (a `train.faults.FaultPlan` with `oom` pairs) in the forward of a
+later micro-batch, after earlier micro-batches have already accumulated gradients: the step must be
+discarded and redone with half the micro-batch. The loss curve then equals the uninterrupted run's to
+rel 1e-5 (loss) and 1e-4 (gradient norm), the tolerances of tests/test_cli.py: only the split into
+micro-batches, and so the order of the fp32 sums, changes (bf16: 1e-3 on the gradient norm, below).
 """
 
 import pytest
 
 from train.config import load_config
+from train.faults import FaultPlan
 from train.monitor import OutOfMemoryStop
 from train.trainer import train_once
 
@@ -45,33 +46,36 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token-cache"))
 
 
-def _run(tmp_path, cache_dir, *extra) -> dict:
+def _run(tmp_path, cache_dir, *extra, faults: FaultPlan | None = None) -> dict:
     overrides = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}", *extra]
-    return train_once(load_config(None, overrides))
+    return train_once(load_config(None, overrides), faults=faults)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # DataParallel/.grad, and ZeroOptimizer buckets
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_loss_curve(
-    precision, tmp_path, cache_dir, monkeypatch, capsys
+    precision, tmp_path, cache_dir, capsys
 ):
     reference = _run(tmp_path / "reference", cache_dir, f"train.precision={precision}")
-    monkeypatch.setenv("MLA_INJECT_OOM", "2:2,3:1")  # step 2 fails after one micro-batch's backward
-    recovered = _run(tmp_path / "recovered", cache_dir, f"train.precision={precision}")
+    faults = FaultPlan(oom=[(2, 2), (3, 1)])  # step 2 fails after one micro-batch's backward
+    recovered = _run(tmp_path / "recovered", cache_dir, f"train.precision={precision}", faults=faults)
     log = capsys.readouterr().out
     assert "out of memory at step 2 with micro-batch 4" in log and "4 micro-batches of 2" in log
     assert "out of memory at step 3 with micro-batch 2" in log and "8 micro-batches of 1" in log
     history = recovered["history"]
     assert [h.get("micro_batch_size") for h in history] == [None, 2, 1, 1]
     assert history[-1]["oom_retries"] == 2
+    # bf16: each micro-batch's gradient is rounded to bf16 before the fp32 bucket sums it, so another
+    # split changes more than the summation order (measured: 1.5e-4 relative on the gradient norm)
+    rel_norm = 1e-4 if precision == "fp32" else 1e-3
     for got, want in zip(history, reference["history"], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel_norm)
 
 
-def test_out_of_memory_at_micro_batch_one_stops_with_the_estimate(tmp_path, cache_dir, monkeypatch, capsys):
-    monkeypatch.setenv("MLA_INJECT_OOM", "1:1,1:1,1:1")  # micro-batch 4, 2, then 1 all fail
+def test_out_of_memory_at_micro_batch_one_stops_with_the_estimate(tmp_path, cache_dir, capsys):
+    faults = FaultPlan(oom=[(1, 1), (1, 1), (1, 1)])  # micro-batch 4, 2, then 1 all fail
     with pytest.raises(OutOfMemoryStop, match="train.micro_batch_size=1: out of memory at step 1"):
-        _run(tmp_path, cache_dir)
+        _run(tmp_path, cache_dir, faults=faults)
     log = capsys.readouterr().out
     assert "activations" in log and "total per GPU" in log  # the estimator's breakdown
     assert "distributed.recompute=full" in log  # and advice
@@ -86,7 +90,12 @@ def test_memory_fields_in_metrics_and_a_warning_above_the_threshold(tmp_path, ca
     assert "warning: host memory" in log and "train.mem_warn_fraction=0.001" in log
 
 
-def test_a_bad_injection_spec_names_the_variable(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setenv("MLA_INJECT_OOM", "two")
-    with pytest.raises(ValueError, match="MLA_INJECT_OOM='two'"):
-        _run(tmp_path, cache_dir, "train.steps=1")
+def test_a_bad_injection_plan_is_refused():
+    with pytest.raises(ValueError, match=r"FaultPlan.oom=\[\(2, 0\)\]"):
+        FaultPlan(oom=[(2, 0)])
+
+
+def test_a_run_without_a_fault_plan_ignores_the_old_injection_variable(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("MLA_INJECT_OOM", "1:1")  # a leftover variable must not touch a real job
+    result = _run(tmp_path, cache_dir, "train.steps=1")
+    assert "oom_retries" not in result["history"][0]

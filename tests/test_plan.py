@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from train.memory import GIB, gpu_preset
+from train.gpus import gpu_preset
+from train.memory import GIB
 from train.plan import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"

@@ -14,8 +14,7 @@ from test_cli import TINY, run_cli
 
 from train.config import ConfigError, load_config
 from train.data import BatchSampler
-from train.schedules import curriculum_at, divisors, learning_rate
-from train.trainer import batch_shape_at, lr_at
+from train.schedules import batch_shape_at, curriculum_at, divisors, learning_rate, lr_at
 
 LR, MIN_LR, WARMUP, TOTAL = 1.0e-3, 1.0e-4, 10, 110
 

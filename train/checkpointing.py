@@ -32,9 +32,10 @@ import torch.distributed as dist
 
 from parallel import checkpoint
 from parallel.lowbit.loss_scaler import DynamicLossScaler
+from parallel.pipeline import ModelParts
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
-from train.faults import kill_in_save
+from train.faults import FaultPlan
 
 
 @dataclass
@@ -77,19 +78,21 @@ def choose_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[str], 
 
 
 class Checkpointer:
-    """Saves and resumes the training state of one run (model chunks, optimizer, loss scaler)."""
+    """Saves and resumes the training state of one run (model parts, optimizer, loss scaler)."""
 
     def __init__(
         self,
         config: Config,
         resolved: Config,
         context: RunContext,
-        chunks: dict,
+        parts: ModelParts,
         optimizer: torch.optim.Optimizer,
         scaler: DynamicLossScaler | None,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.config, self.resolved, self.context = config, resolved, context
-        self.chunks, self.optimizer, self.scaler = chunks, optimizer, scaler
+        self.parts, self.optimizer, self.scaler = parts, optimizer, scaler
+        self.faults = faults
         self.root = Path(config.train.out_dir) / "checkpoints"
         self.last_saved: int | None = None
 
@@ -107,7 +110,7 @@ class Checkpointer:
         if path is None:
             context.log(f"resume: no checkpoint in {self.root}, starting from step 0")
             return None
-        info = checkpoint.load(path, self.chunks, self.optimizer, topology=context.topology)
+        info = checkpoint.load(path, self.parts, self.optimizer, topology=context.topology)
         state = info["state"] or {}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -142,7 +145,7 @@ class Checkpointer:
             state["loss_scaler"] = self.scaler.state_dict()
         path = checkpoint.save(
             self.root / checkpoint.step_name(step),
-            self.chunks,
+            self.parts,
             self.optimizer,
             topology=context.topology,
             step=step,
@@ -150,7 +153,7 @@ class Checkpointer:
             config=config_to_dict(self.resolved),
             state=state,
             rank_state={"loss_sum": loss_sum.item()},
-            on_written=kill_in_save(step),
+            on_written=None if self.faults is None else self.faults.on_written(step),
         )
         if context.is_main:
             checkpoint.prune(self.root, self.config.train.keep_last)

@@ -25,10 +25,10 @@ from models.config import MLAConfig
 from models.deepseek import save_pretrained
 from parallel import checkpoint
 from parallel.topology import ParallelDims, Topology
+from train.build import build_model
 from train.checkpointing import choose_checkpoint
 from train.config import ConfigError, DistributedConfig, config_from_dict
 from train.context import fail
-from train.trainer import build_model
 
 
 def resolve(path: str | Path) -> Path:
@@ -58,9 +58,9 @@ def export(path: str | Path, out: str | Path) -> Path:
         train=replace(config.train, precision="fp32"),
     )
     topology = Topology(ParallelDims())
-    chunks = build_model(config, MLAConfig(**model), topology)
-    checkpoint.load(path, chunks, topology=topology, restore_rng=False)
-    out = save_pretrained(list(chunks.values()), out)
+    parts = build_model(config, MLAConfig(**model), topology)
+    checkpoint.load(path, parts, topology=topology, restore_rng=False)
+    out = save_pretrained(parts.chunks, out)
     run_dir = path.parent.parent
     for tokenizer in (config.data.tokenizer, run_dir / "final" / "tokenizer.json"):
         if tokenizer and Path(tokenizer).is_file():

@@ -12,14 +12,10 @@
 - Collective timeouts: long while starting (tokenizer training, data building on one rank while the
   others wait), `distributed.timeout_s` once the first step has run, so that a hung rank becomes an error.
 
-Fault injection for the tests, from the environment, on the first torchrun attempt only
-(TORCHELASTIC_RESTART_COUNT unset or 0) except NaN, and on rank MLA_FAULT_RANK (default 1; NaN: all
-ranks unless it is set):
-
-    MLA_FAULT_NAN_STEP=k          the loss and gradients of step k become NaN
-    MLA_FAULT_KILL_STEP=k         SIGKILL after the backward of step k
-    MLA_FAULT_SIGTERM_STEP=k      SIGTERM to itself after the backward of step k
-    MLA_FAULT_KILL_IN_SAVE=k      SIGKILL while saving the checkpoint of step k (shard written, not committed)
+Fault injection (`FaultPlan`) is a test seam: a test builds a plan and hands it to `train_once` or the
+`Trainer`; without one (every production run) the loop has no injection code path at all. The plan
+applies to the process it is given to: which rank, and which torchrun attempt, meets a fault is the
+test's choice (tests/fault_entry.py makes it from its command line).
 """
 
 from __future__ import annotations
@@ -29,6 +25,8 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -106,37 +104,58 @@ def set_collective_timeout(topology: Topology, seconds: float) -> None:
         dist.distributed_c10d._set_pg_timeout(timeout, group)  # no public API to change it after creation
 
 
-def _fault_step(name: str) -> int | None:
-    value = os.environ.get(name)
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if value is None or (name != "MLA_FAULT_NAN_STEP" and not first_attempt):
-        return None
-    rank = os.environ.get("MLA_FAULT_RANK")
-    if rank is None and name != "MLA_FAULT_NAN_STEP":
-        rank = "1"
-    if rank is not None and int(rank) != int(os.environ.get("RANK", "0")):
-        return None
-    return int(value)
+@dataclass
+class FaultPlan:
+    """Faults for one process of a test run; steps are 1-based, as logged.
 
+    `oom` lists (step, micro-batch) pairs: `torch.cuda.OutOfMemoryError` is raised in the forward of
+    that micro-batch (1-based) of that step; each pair fires once, in order, so [(3, 2), (3, 1)] fails
+    step 3 twice (train/monitor.py retries it with smaller micro-batches)."""
 
-def inject(step: int, loss: torch.Tensor, parameters, zero) -> torch.Tensor:
-    """Apply the MLA_FAULT_* faults due after the backward of step `step`; returns the (maybe NaN) loss."""
-    if step == _fault_step("MLA_FAULT_KILL_STEP"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if step == _fault_step("MLA_FAULT_SIGTERM_STEP"):
-        os.kill(os.getpid(), signal.SIGTERM)
-    if step == _fault_step("MLA_FAULT_NAN_STEP"):
+    nan_step: int | None = None  # the loss and gradients of this step become NaN
+    kill_step: int | None = None  # SIGKILL after the backward of this step
+    sigterm_step: int | None = None  # SIGTERM to itself after the backward of this step
+    kill_in_save_step: int | None = None  # SIGKILL while saving this step's checkpoint, before the commit
+    oom: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.oom = [tuple(item) for item in self.oom]
+        if any(len(item) != 2 or min(item) < 1 for item in self.oom):
+            raise ValueError(f"FaultPlan.oom={self.oom!r}: expected (step, micro_batch) pairs, both >= 1")
+
+    def after_backward(
+        self, step: int, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], zero
+    ) -> torch.Tensor:
+        """Apply the faults due after the backward of `step`; returns the (maybe NaN) loss."""
+        if step == self.kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step != self.nan_step:
+            return loss
         if zero is not None:
             zero.scale_grads(math.nan)
         for p in parameters:
             if p.grad is not None:
                 p.grad.fill_(math.nan)
         return loss * math.nan
-    return loss
 
+    def on_written(self, step: int) -> Callable[[], None] | None:
+        """The `on_written` hook of `checkpoint.save` for step `step`, or None."""
+        if step != self.kill_in_save_step:
+            return None
+        return lambda: os.kill(os.getpid(), signal.SIGKILL)
 
-def kill_in_save(step: int):
-    """The `on_written` hook of `checkpoint.save` for MLA_FAULT_KILL_IN_SAVE, or None."""
-    if step != _fault_step("MLA_FAULT_KILL_IN_SAVE"):
-        return None
-    return lambda: os.kill(os.getpid(), signal.SIGKILL)
+    def arm_oom(self, step: int, module: torch.nn.Module):
+        """A forward pre-hook on `module` raising the planned error in step `step`, or None."""
+        if not self.oom or self.oom[0][0] != step:
+            return None
+        _, target = self.oom.pop(0)
+        calls = [0]
+
+        def hook(module, args):
+            calls[0] += 1
+            if calls[0] == target:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by a test FaultPlan)")
+
+        return module.register_forward_pre_hook(hook)

@@ -20,9 +20,8 @@ order of floating-point sums. At micro-batch 1 the run stops with the estimator'
 tensor-parallel ranks do; a pipeline stage that runs out of memory alone leaves the others waiting in a
 receive until `distributed.timeout_s`.
 
-Testing hook: `MLA_INJECT_OOM=STEP:MICROBATCH[,STEP:MICROBATCH...]` raises `torch.cuda.OutOfMemoryError`
-in the forward of that micro-batch (1-based) of that step (1-based, as logged); each entry fires once,
-in order, so "3:2,3:1" fails step 3 twice.
+Tests inject the error through a `train.faults.FaultPlan` (its `oom` pairs) handed to the trainer; a
+run without a plan has no injection path.
 """
 
 from __future__ import annotations
@@ -36,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError
+from train.faults import FaultPlan
 
 GIB = 2**30
-INJECT_ENV = "MLA_INJECT_OOM"
 
 
 class OutOfMemoryStop(ConfigError):
@@ -168,37 +167,16 @@ class OOMRecovery:
         optimizer: torch.optim.Optimizer,
         log: Callable[[str], None],
         explain: Callable[[], str],
+        faults: FaultPlan | None = None,
     ) -> None:
         self.runner, self.optimizer, self.log, self.explain = runner, optimizer, log, explain
         self.retries = 0
-        spec = os.environ.get(INJECT_ENV, "").strip()
-        try:
-            self.injections = [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item]
-            if any(len(item) != 2 or min(item) < 1 for item in self.injections):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"{INJECT_ENV}={spec!r}: expected STEP:MICROBATCH[,STEP:MICROBATCH...]"
-            ) from None
-
-    def _arm(self, step: int):
-        """A forward pre-hook raising the injected error in the chosen micro-batch, or None."""
-        if not self.injections or self.injections[0][0] != step:
-            return None
-        _, target = self.injections.pop(0)
-        calls = [0]
-
-        def hook(module, args):
-            calls[0] += 1
-            if calls[0] == target:
-                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_ENV})")
-
-        return next(iter(self.runner.chunks.values())).register_forward_pre_hook(hook)
+        self.faults = faults
 
     def train_step(self, step: int, batch: torch.Tensor, *args) -> torch.Tensor:
         """`runner.train_step(batch, *args)` for 1-based step `step`, recovering from out of memory."""
         while True:
-            hook = self._arm(step)
+            hook = None if self.faults is None else self.faults.arm_oom(step, self.runner.parts.first)
             try:
                 return self.runner.train_step(batch, *args)
             except torch.cuda.OutOfMemoryError as error:

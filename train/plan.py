@@ -3,13 +3,14 @@
     python -m train.plan --config FILE --gpus N --gpu NAME [--gpu-memory GiB] [--json] [--top K]
 
 Search space: every (dp, tp, pp) with dp tp pp = N, tp at most 8 and dividing the heads and the MLP
-width, pp at most the layers and 1 with tied embeddings, dp dividing the global batch; ZeRO stage 0 (and
-1, 2, 3 when dp > 1; 3 not with zb1p nor tied embeddings); optimizer offload off/on; the config's
-optimizer and AdamW8bit; recompute none/selective/full; sequence parallelism off/on when tp > 1; every
-micro-batch size dividing the per-rank batch. The config's precision is kept, except that bf16 becomes
-fp16 (with loss scaling) on GPUs without bf16 (V100, T4). Its LoRA settings, schedule and sequence
-length are kept. A layout fits when train/memory.py's estimate plus its margin is at most the GPU's
-memory (`--gpu-memory` overrides the preset's).
+width, pp at most the layers, dp dividing the global batch; ZeRO stage 0 (and 1, 2, 3 when dp > 1);
+optimizer offload off/on; the config's optimizer and AdamW8bit; recompute none/selective/full; sequence
+parallelism off/on when tp > 1; every micro-batch size dividing the per-rank batch; minus the
+combinations the trainer refuses (train/layout.py: ZeRO-3 with zb1p or tied embeddings, pp > 1 with tied
+embeddings, sequence parallelism with a sequence length tp does not divide). The config's precision is
+kept, except that bf16 becomes fp16 (with loss scaling) on GPUs without bf16 (V100, T4). Its LoRA
+settings, schedule and sequence length are kept. A layout fits when train/memory.py's estimate plus its
+margin is at most the GPU's memory (`--gpu-memory` overrides the preset's).
 
 Throughput model (for ranking; stated, not measured): a step takes
 
@@ -44,14 +45,24 @@ from models.config import MLAConfig
 from parallel.pipeline.schedules import build_schedule, simulate
 from train.config import Config, ConfigError, load_config
 from train.flops import attention_flops_per_token, flops_per_token, matmul_parameters
-from train.memory import GIB, GPU, GPU_PRESETS, MemoryEstimate, estimate_memory, gpu_preset, micro_batches
+from train.gpus import GPU, GPU_PRESETS, detect_gpu, gpu_preset
+from train.layout import batch_split, model_config, unsupported
+from train.memory import GIB, MemoryEstimate, estimate_memory
 
 ALL_LINEARS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] + [
     "gate_proj",
     "up_proj",
     "down_proj",
 ]
-PCIE_GB_S, INTER_NODE_GB_S, CPU_ADAM_PARAMS_S = 16.0, 25.0, {"adamw": 1e9, "adamw8bit": 0.3e9}
+# The throughput model's stated assumptions (module docstring); they rank layouts, they are not measured.
+GPUS_PER_NODE = 8  # the usual machine (DGX/HGX): tp stays inside it, dp beyond it crosses the network
+PCIE_GB_S = 16.0  # host <-> GPU, one direction: PCIe 3 x16's peak, about what PCIe 4 x16 achieves
+INTER_NODE_GB_S = 25.0  # between machines: one 200 Gb/s (InfiniBand HDR) port per GPU
+CPU_ADAM_PARAMS_S = {"adamw": 1e9, "adamw8bit": 0.3e9}  # CPU optimizer step, parameters per second
+PEAK_EFFICIENCY = 0.6  # fraction of the tensor-core peak that large training matmuls reach
+HALF_EFFICIENCY_TOKENS = 1024  # tokens per micro-batch at which that efficiency is halved
+LORA_TRAINABLE_FRACTION = 0.01  # adapters of rank 8-16 on every linear: about 1% of the weights
+TP_ROUNDS = 4  # tensor-parallel all-reduces per layer and micro-batch (Megatron): 2 forward, 2 backward
 
 
 @dataclass
@@ -98,18 +109,6 @@ class Candidate:
         }
 
 
-def model_of(config: Config) -> MLAConfig:
-    """The MLAConfig a run of `config` would build (a pretrained folder's, or the model section with the
-    data section's vocabulary size when the model leaves it open)."""
-    fields = {k: v for k, v in config.model.items() if k != "pretrained"}
-    if config.model.get("pretrained"):
-        from models.deepseek import read_config
-
-        return read_config(config.model["pretrained"])
-    fields.setdefault("vocab_size", config.data.vocab_size)
-    return MLAConfig(**fields)
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -121,19 +120,17 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
     optimizers = list(dict.fromkeys([config.optim.name, "adamw8bit"]))
     out = []
     for tp in _divisors(gpus):
-        if tp > 8 or mcfg.num_heads % tp or mcfg.intermediate_size % tp:
+        if tp > GPUS_PER_NODE or mcfg.num_heads % tp or mcfg.intermediate_size % tp:
             continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if pp > mcfg.num_layers or (pp > 1 and mcfg.tie_embeddings) or tc.global_batch_size % dp:
+            if pp > mcfg.num_layers or tc.global_batch_size % dp:
                 continue
             stages = [0] + ([1, 2, 3] if dp > 1 else [])
             for zero, offload, opt, recompute, sp in itertools.product(
                 stages, (False, True), optimizers, ("none", "selective", "full"), (False, True)
             ):
-                if sp and (tp == 1 or config.data.seq_len % tp):
-                    continue
-                if zero == 3 and (mcfg.tie_embeddings or (pp > 1 and dc.pp_schedule == "zb1p")):
+                if sp and tp == 1:
                     continue
                 for mbs in _divisors(tc.global_batch_size // dp):
                     v, m = (dc.virtual_stages if pp > 1 else 1), tc.global_batch_size // dp // mbs
@@ -141,26 +138,26 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
                         pp > 1 and dc.pp_schedule == "interleaved_1f1b" and m % pp
                     ):
                         continue  # the schedule cannot run this split
-                    out.append(
-                        replace(
-                            config,
-                            distributed=replace(
-                                dc,
-                                dp=dp,
-                                tp=tp,
-                                pp=pp,
-                                zero_stage=zero,
-                                offload_optimizer=offload,
-                                recompute=recompute,
-                                sequence_parallel=sp,
-                                num_microbatches=None,
-                                pp_layers=None,
-                                virtual_stages=v,
-                            ),
-                            optim=replace(config.optim, name=opt),
-                            train=replace(tc, micro_batch_size=mbs, precision=precision),
-                        )
+                    candidate = replace(
+                        config,
+                        distributed=replace(
+                            dc,
+                            dp=dp,
+                            tp=tp,
+                            pp=pp,
+                            zero_stage=zero,
+                            offload_optimizer=offload,
+                            recompute=recompute,
+                            sequence_parallel=sp,
+                            num_microbatches=None,
+                            pp_layers=None,
+                            virtual_stages=v,
+                        ),
+                        optim=replace(config.optim, name=opt),
+                        train=replace(tc, micro_batch_size=mbs, precision=precision),
                     )
+                    if unsupported(candidate, mcfg) is None:  # the trainer's own checks
+                        out.append(candidate)
     return out
 
 
@@ -173,7 +170,7 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     """(tokens/s, MFU) of the throughput model in the module docstring."""
     dc, tc = config.distributed, config.train
     gpus, seq = dc.dp * dc.tp * dc.pp, config.data.seq_len
-    mbs, m = micro_batches(config)
+    mbs, m = batch_split(config, dc.dp)
     model_flops = flops_per_token(mcfg, seq)
     if config.lora.enabled:  # frozen weights get no weight gradient
         model_flops -= 2 * matmul_parameters(mcfg)
@@ -184,21 +181,23 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
         flops += attention_flops_per_token(mcfg, seq) / 3
     tokens = tc.global_batch_size * seq
     b = mbs * seq
-    t_compute = tokens * flops / gpus / (gpu.peak_tflops * 1e12 * 0.6 * b / (b + 1024))
+    t_compute = (
+        tokens * flops / gpus / (gpu.peak_tflops * 1e12 * PEAK_EFFICIENCY * b / (b + HALF_EFFICIENCY_TOKENS))
+    )
     bubble = _bubble(dc.pp_schedule, dc.pp, m, dc.virtual_stages)
     link = gpu.link_gb_s * 1e9
     e = 2 if tc.precision in ("bf16", "fp16") else 4
     layers = mcfg.num_layers / dc.pp
     t_tp = 0.0
     if dc.tp > 1:
-        rounds = 4 * (1.5 if dc.recompute == "full" else 1)
+        rounds = TP_ROUNDS * (1.5 if dc.recompute == "full" else 1)  # full recompute: 2 more forward
         t_tp = rounds * layers * m * 2 * (dc.tp - 1) / dc.tp * b * mcfg.hidden_size * e / link
     trainable = mcfg.num_parameters() / (dc.tp * dc.pp)
     if config.lora.enabled:
-        trainable *= 0.01  # adapters: about 1% of the weights
+        trainable *= LORA_TRAINABLE_FRACTION
     t_dp = 0.0
     if dc.dp > 1:
-        dp_link = min(link, INTER_NODE_GB_S * 1e9) if gpus > 8 else link
+        dp_link = min(link, INTER_NODE_GB_S * 1e9) if gpus > GPUS_PER_NODE else link
         share = (dc.dp - 1) / dc.dp
         t_dp = 2 * share * 4 * trainable / dp_link
         if dc.zero_stage >= 1:
@@ -270,8 +269,6 @@ def smallest(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> MemoryEsti
 
 def explain_oom(config: Config, mcfg: MLAConfig, gpus: int, device_name: str, total_bytes: int) -> str:
     """The estimate of `config` and the planner's advice, for a run that ran out of memory."""
-    from train.memory import detect_gpu
-
     est = estimate_memory(config, mcfg)
     lines = [f"out of memory; the estimate of this layout (pipeline rank {est.pp_rank}):", est.table()]
     gpu = detect_gpu(device_name) if device_name else None
@@ -318,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--gpus={args.gpus}: expected a positive number of GPUs")
         gpu = gpu_preset(args.gpu)
         config = load_config(args.config, args.overrides)
-        mcfg = model_of(config)
+        mcfg = model_config(config, config.data.vocab_size)
         candidates = plan(config, mcfg, args.gpus, gpu, args.gpu_memory)
     except (ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""ModelRunner: this rank's model — the whole model, or its pipeline chunks — and how to run it.
+"""ModelRunner: this rank's model parts — the whole model, or its pipeline chunks — and how to run them.
 
 Without pipeline parallelism a training step runs the micro-batches one after the other, all but the
 last inside `no_sync()`, so the data-parallel all-reduce overlaps the last backward. With pipeline
@@ -20,14 +20,14 @@ import torch.distributed as dist
 from models.transformer import MLATransformer
 from parallel.collectives import group_size
 from parallel.data import DataParallel, ZeroOptimizer
-from parallel.pipeline.executor import PipelineExecutor
+from parallel.pipeline import ModelParts, PipelineExecutor
 from parallel.topology import Topology
 
 
 class ModelRunner:
     def __init__(
         self,
-        chunks: dict[int, MLATransformer],
+        parts: ModelParts | dict[int, MLATransformer],
         topology: Topology,
         *,
         micro_batch_size: int,
@@ -40,37 +40,36 @@ class ModelRunner:
         grad_sync: ZeroOptimizer | None = None,
     ) -> None:
         self.topology = topology
-        self.chunks = chunks
+        self.parts = parts = ModelParts.of(parts)
         # Who averages the gradients over dp: a ZeroOptimizer (which then owns the reduction), or one
         # DataParallel wrapper per chunk. Both offer no_sync() and sync_gradients().
         if grad_sync is not None:
             self.grad_syncs = [grad_sync]
         else:
-            self.grad_syncs = [DataParallel(c, topology.dp_group, bucket_cap_mb) for c in chunks.values()]
-        floats = (p for c in chunks.values() for p in c.parameters() if p.is_floating_point())
+            self.grad_syncs = [DataParallel(c, topology.dp_group, bucket_cap_mb) for c in parts.chunks]
+        floats = (p for p in parts.parameters() if p.is_floating_point())
         self.param_dtype = next(floats).dtype  # activations between pipeline stages have it too
         self.mbs, self.m, self.seq_len = micro_batch_size, num_microbatches, seq_len
         self.precision = precision
-        self.config = next(iter(chunks.values())).config
-        self.pipelined = topology.pp_size > 1 or len(chunks) > 1
+        self.config = parts.first.config
+        self.pipelined = topology.pp_size > 1 or len(parts) > 1
         self.pp_schedule, self.virtual_stages = pp_schedule, virtual_stages
         # under sequence parallelism the hidden states between stages are this rank's slice of the sequence
-        self.sequence_shards = topology.tp_size if next(iter(chunks.values())).sequence_parallel else 1
+        self.sequence_shards = topology.tp_size if parts.first.sequence_parallel else 1
         self.executor = None
         if self.pipelined:
-            self.executor = PipelineExecutor(chunks, topology, pp_schedule, num_microbatches, virtual_stages)
+            self.executor = PipelineExecutor(parts, topology, pp_schedule, num_microbatches, virtual_stages)
 
     def set_micro_batches(self, micro_batch_size: int, num_microbatches: int) -> None:
         """Split each step's rows differently from now on (the same rows: the same loss and gradients)."""
         self.mbs, self.m = micro_batch_size, num_microbatches
         if self.pipelined:
             self.executor = PipelineExecutor(
-                self.chunks, self.topology, self.pp_schedule, num_microbatches, self.virtual_stages
+                self.parts, self.topology, self.pp_schedule, num_microbatches, self.virtual_stages
             )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
-        for chunk in self.chunks.values():
-            yield from chunk.parameters()
+        return self.parts.parameters()
 
     def autocast(self):
         """bf16/fp16 matmuls; with 16-bit parameters (ZeRO mixed precision) the model is 16-bit anyway."""
@@ -102,7 +101,7 @@ class ModelRunner:
             raise ValueError(f"batch of {batch.shape[0]} rows does not split into {self.m} micro-batches")
         micro = list(batch.split(batch.shape[0] // self.m))
         if not self.pipelined:
-            (model,) = self.chunks.values()
+            model = self.parts.first
             total = torch.zeros((), device=batch.device)
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self._no_sync()
@@ -136,7 +135,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ evaluation and sampling
 
     def _train_mode(self, mode: bool) -> None:
-        for chunk in self.chunks.values():
+        for chunk in self.parts.chunks:
             chunk.train(mode)
 
     @torch.no_grad()
@@ -169,7 +168,7 @@ class ModelRunner:
                             lambda i, chunk, x, same=same: add(same[i], chunk, x),
                         )
             else:
-                (model,) = self.chunks.values()
+                model = self.parts.first
                 for b in batches:
                     add(b, model, b[:, :-1])
         for group in (topo.pp_group, topo.dp_group):
@@ -205,8 +204,7 @@ class ModelRunner:
                     )
                     dist.broadcast(token, src=topo.pp_ranks[-1], group=topo.pp_group)
                 else:
-                    (model,) = self.chunks.values()
-                    sample(0, model, context)
+                    sample(0, self.parts.first, context)
             ids.append(int(token))
         self._train_mode(True)
         return ids

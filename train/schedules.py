@@ -30,6 +30,10 @@ instead, L_k = floor(target_k) (any L0 < L) and B_k = B: early steps see fewer t
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.config import Config
 
 SCHEDULES = ("constant", "linear", "cosine", "wsd")
 
@@ -110,3 +114,30 @@ def curriculum_at(
         return target, global_batch_size
     length = max(d for d in divisors(seq_len) if start_seq_len <= d <= target)
     return length, global_batch_size * (seq_len // length)
+
+
+def lr_at(step: int, config: Config) -> float:
+    """`learning_rate` of step `step` with the config's `optim` section and `train.steps`."""
+    opt = config.optim
+    return learning_rate(
+        step,
+        schedule=opt.schedule,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        warmup_steps=opt.warmup_steps,
+        total_steps=config.train.steps,
+        decay_fraction=opt.decay_fraction,
+    )
+
+
+def batch_shape_at(step: int, config: Config) -> tuple[int, int]:
+    """(sequence length, sequences) of the global batch at `step`, under `train.curriculum_*`."""
+    tc = config.train
+    return curriculum_at(
+        step,
+        start_seq_len=tc.curriculum_start_seq_len,
+        steps=tc.curriculum_steps,
+        seq_len=config.data.seq_len,
+        global_batch_size=tc.global_batch_size,
+        constant_tokens=tc.curriculum_constant_tokens,
+    )

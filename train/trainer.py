@@ -1,4 +1,4 @@
-"""The training loop: data, model, optimizer, schedule, accumulation, clipping, evaluation, logging.
+"""The training loop: one optimizer step per global batch, with logging, evaluation and checkpoints.
 
 One optimizer step consumes the global batch of that step (`train.global_batch_size` sequences, chosen
 from (seed, step) alone). Each dp rank takes its contiguous slice and splits it into micro-batches of
@@ -6,6 +6,10 @@ from (seed, step) alone). Each dp rank takes its contiguous slice and splits it 
 micro-batches, so after the data-parallel average the gradient is that of the global-batch mean loss
 whatever (dp, tp, micro_batch_size) is used — the loss curve is layout-independent up to floating-point
 summation order.
+
+`Trainer(config, context, guard)` builds this rank's share of the run (data, layout, model parts,
+optimizer, runner, checkpoints); `train()` runs the steps and returns the summary that `train_once`
+returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no injection path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import json
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,286 +28,289 @@ from parallel.data import ZeroOptimizer
 from parallel.grad_clip import clip_grad_norm_
 from parallel.lowbit.lora import save_adapter
 from parallel.lowbit.loss_scaler import DynamicLossScaler
-from train.checkpointing import Checkpointer, restart_metrics
+from train.build import build_model, build_optimizer, build_runner, save_final_weights
+from train.checkpointing import Checkpointer
 from train.config import Config, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, prepare_dataset, validation_windows
-from train.faults import StepGuard, inject, set_collective_timeout
+from train.faults import FaultPlan, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
-from train.memory import detect_gpu
+from train.layout import Layout, check_tokens, model_config
+from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
-from train.runner import ModelRunner
-from train.setup import (  # noqa: F401 (re-exported: callers import them from here)
-    NOT_YET,
-    batch_shape_at,
-    batch_split,
-    build_model,
-    build_optimizer,
-    check_supported,
-    lr_at,
-    model_config,
-    save_final_weights,
-    uses_zero,
-)
+from train.schedules import batch_shape_at, lr_at
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def train_once(config: Config, context: RunContext | None = None) -> dict:
+def train_once(config: Config, context: RunContext | None = None, *, faults: FaultPlan | None = None) -> dict:
     """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
-    check_supported(config)
     own_context = context is None
     context = context or RunContext.from_config(config)
     try:
         with StepGuard(context.topology, config.train.on_nonfinite) as guard:  # SIGTERM, NaN/inf
-            return _train(config, context, guard)
+            return Trainer(config, context, guard, faults).train()
     finally:
         if own_context:
             context.close()
 
 
-def _train(config: Config, context: RunContext, guard: StepGuard) -> dict:
-    topo, device, tc = context.topology, context.device, config.train
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    dataset = prepare_dataset(
-        config.data.corpus,
-        tokenizer=config.data.tokenizer,
-        vocab_size=config.data.vocab_size,
-        cache_dir=config.data.cache_dir,
-        max_corpus_mb=config.data.max_corpus_mb,
-        val_fraction=config.data.val_fraction,
-        is_builder=topo.local_rank == 0,
-        barrier=context.barrier,
-        log=context.log,
-    )
-    mcfg = model_config(config, dataset)
-    mbs, num_micro = batch_split(config, topo.dp_size)
-    seq_len = config.data.seq_len
-    sampler = BatchSampler(dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
-    val_windows = validation_windows(dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size)
+class Trainer:
+    """One training job on this rank: built from the config, run to the end by `train()`."""
 
-    chunks = build_model(config, mcfg, topo)
-    optimizer = build_optimizer(chunks, config, topo)
-    zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
-    scaler = DynamicLossScaler() if tc.precision == "fp16" else None
-    runner = ModelRunner(
-        chunks,
-        topo,
-        micro_batch_size=mbs,
-        num_microbatches=num_micro,
-        seq_len=seq_len,
-        precision=tc.precision,
-        pp_schedule=config.distributed.pp_schedule,
-        virtual_stages=config.distributed.virtual_stages,
-        bucket_cap_mb=config.distributed.bucket_cap_mb,
-        grad_sync=zero,
-    )
-
-    out_dir = Path(tc.out_dir)
-    resolved = replace(
-        config,
-        model={**mcfg.to_dict(), "pretrained": config.model.get("pretrained")},
-        distributed=replace(config.distributed, dp=topo.dp_size, tp=topo.tp_size),
-        train=replace(tc, micro_batch_size=mbs),
-    )
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(resolved, out_dir / "config.yaml")
-    checkpoints = Checkpointer(config, resolved, context, chunks, optimizer, scaler)
-    resumed = checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: a fresh start
-    monitor = MemoryMonitor(device, tc.mem_warn_fraction)  # mem_* fields at every logged step
-    recovery = OOMRecovery(runner, optimizer, context.log, lambda: oom_explanation(resolved, mcfg, topo))
-    context.log(
-        f"model: {mcfg.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
-        f"{mcfg.num_layers} layers; batch {tc.global_batch_size} x {seq_len} tokens = "
-        f"{topo.dp_size} dp x {num_micro} micro-batches x {mbs}; {tc.steps} steps"
-        + (
-            f"; pipeline {config.distributed.pp_schedule} over {topo.pp_size} stages"
-            if topo.pp_size > 1
-            else ""
+    def __init__(
+        self, config: Config, context: RunContext, guard: StepGuard, faults: FaultPlan | None = None
+    ) -> None:
+        self.config, self.context, self.guard, self.faults = config, context, guard, faults
+        topo, tc = context.topology, config.train
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        self.dataset = prepare_dataset(
+            config.data.corpus,
+            tokenizer=config.data.tokenizer,
+            vocab_size=config.data.vocab_size,
+            cache_dir=config.data.cache_dir,
+            max_corpus_mb=config.data.max_corpus_mb,
+            val_fraction=config.data.val_fraction,
+            is_builder=topo.local_rank == 0,
+            barrier=context.barrier,
+            log=context.log,
         )
-        + (
-            f"; sequence-length curriculum {tc.curriculum_start_seq_len} -> {seq_len} over "
-            f"{tc.curriculum_steps} steps"
-            if tc.curriculum_start_seq_len is not None
-            else ""
+        self.mcfg = model_config(config, self.dataset.vocab_size)
+        self.layout = Layout.resolve(config, self.mcfg, topo.dp_size, topo.tp_size)
+        check_tokens(self.mcfg, self.dataset)
+        seq_len = config.data.seq_len
+        self.sampler = BatchSampler(self.dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
+        self.val_windows = validation_windows(
+            self.dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size
         )
-    )
-
-    metrics_file = out_dir / "metrics.jsonl"
-
-    def record(entry: dict) -> None:
+        self.parts = build_model(config, self.mcfg, topo)
+        self.optimizer = build_optimizer(self.parts, config, topo)
+        self.zero = self.optimizer if isinstance(self.optimizer, ZeroOptimizer) else None
+        self.scaler = DynamicLossScaler() if tc.precision == "fp16" else None
+        self.runner = build_runner(self.parts, self.layout, topo, self.optimizer)
+        self.out_dir = Path(tc.out_dir)
+        resolved = self.layout.config
         if context.is_main:
-            finite = {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()
-            }
-            with metrics_file.open("a") as f:  # strict JSON: a non-finite value is written as null
-                f.write(json.dumps(finite) + "\n")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(resolved, self.out_dir / "config.yaml")
+        self.checkpoints = Checkpointer(
+            config, resolved, context, self.parts, self.optimizer, self.scaler, faults
+        )
+        self.resumed = self.checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: fresh
+        self.monitor = MemoryMonitor(context.device, tc.mem_warn_fraction)  # mem_* fields when logging
+        self.recovery = OOMRecovery(
+            self.runner,
+            self.optimizer,
+            context.log,
+            lambda: oom_explanation(resolved, self.mcfg, topo),
+            faults,
+        )
+        context.log(self._describe())
+        self._restore_counters()
 
-    curriculum = tc.curriculum_start_seq_len is not None
-    peak_tflops = tc.peak_tflops  # for MFU: the config's, else the GPU preset's 16-bit dense peak
-    if (
-        peak_tflops is None
-        and device.type == "cuda"
-        and (gpu := detect_gpu(torch.cuda.get_device_name(device)))
-    ):
-        peak_tflops = gpu.peak_tflops
-    start_step = done = resumed.step if resumed else 0
-    tokens_done = tokens_at_last_log = resumed.tokens if resumed else 0
-    stop_reason = None
-    start = last_log_time = time.perf_counter()
-    last_log_step = resumed.last_log_step if resumed else 0
-    loss_sum = torch.zeros((), device=device)
-    if resumed and resumed.loss_sum is not None:  # the same layout's logging window, exactly
-        loss_sum.fill_(resumed.loss_sum)
-    guard.skipped = list(resumed.skipped) if resumed else []
-    history, val_history = restart_metrics(metrics_file, resumed, context.is_main)
-    if resumed is None:
-        initial = runner.evaluate(val_windows)
-        val_history.append(
-            {"step": 0, "split": "val", "loss": initial, "perplexity": math.exp(min(initial, 50))}
+    def _describe(self) -> str:
+        tc, topo, mcfg, layout = self.config.train, self.context.topology, self.mcfg, self.layout
+        text = (
+            f"model: {mcfg.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
+            f"{mcfg.num_layers} layers; batch {tc.global_batch_size} x {self.config.data.seq_len} tokens = "
+            f"{topo.dp_size} dp x {layout.num_microbatches} micro-batches x {layout.micro_batch_size}; "
+            f"{tc.steps} steps"
         )
-        record(val_history[0])
-        context.log(
-            f"val_loss {initial:.4f} | val_ppl {val_history[0]['perplexity']:.2f} | step 0 (before training)"
-        )
-    start = last_log_time = time.perf_counter()
-    for step in range(start_step, tc.steps):
+        if topo.pp_size > 1:
+            text += f"; pipeline {self.config.distributed.pp_schedule} over {topo.pp_size} stages"
+        if tc.curriculum_start_seq_len is not None:
+            text += (
+                f"; sequence-length curriculum {tc.curriculum_start_seq_len} -> {self.config.data.seq_len} "
+                f"over {tc.curriculum_steps} steps"
+            )
+        return text
+
+    def _restore_counters(self) -> None:
+        """Step, tokens and logging window: the resumed checkpoint's, or zero."""
+        resumed, device = self.resumed, self.context.device
+        self.start_step = self.done = resumed.step if resumed else 0
+        self.tokens_done = self.tokens_at_last_log = resumed.tokens if resumed else 0
+        self.last_log_step = resumed.last_log_step if resumed else 0
+        self.stop_reason: str | None = None
+        self.loss_sum = torch.zeros((), device=device)
+        if resumed and resumed.loss_sum is not None:  # the same layout's logging window, exactly
+            self.loss_sum.fill_(resumed.loss_sum)
+        self.guard.skipped = list(resumed.skipped) if resumed else []
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.context.is_main, resumed)
+        self.peak_tflops = peak_tflops(self.config.train.peak_tflops, device)
+
+    def train(self) -> dict:
+        """Run the remaining steps, then save and summarise (see `finish`)."""
+        tc = self.config.train
+        if self.resumed is None:
+            self.evaluate(0)
+        self.start = self.last_log_time = time.perf_counter()
+        for step in range(self.start_step, tc.steps):
+            lr, step_len, grad_norm = self.step(step)
+            self.done = done = step + 1
+            if (done % tc.log_every == 0 or done == tc.steps) and not self.log(lr, step_len, grad_norm):
+                break
+            if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
+                self.evaluate(done)
+            if self.checkpoints.due(done) or self.guard.stop_requested:
+                self.save()
+            if self.guard.stop_requested:
+                self._stop(f"SIGTERM: stopped after step {done}, checkpoint saved")
+                break
+        return self.finish()
+
+    def step(self, step: int) -> tuple[float, int, torch.Tensor]:
+        """Optimizer step `step` (0-based): forward, backward, clipping, update. Returns (lr, sequence
+        length, gradient norm)."""
+        config, topo, device = self.config, self.context.topology, self.context.device
         lr = lr_at(step, config)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_len, step_rows = batch_shape_at(step, config)
-        tokens_done += step_len * step_rows
-        batch = torch.from_numpy(
-            sampler.local_batch(step, topo.dp_rank, topo.dp_size, seq_len=step_len, batch_size=step_rows)
+        self.tokens_done += step_len * step_rows
+        rows = self.sampler.local_batch(
+            step, topo.dp_rank, topo.dp_size, seq_len=step_len, batch_size=step_rows
         )
+        batch = torch.from_numpy(rows)
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-        if scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
-            step_loss = recovery.train_step(step + 1, batch)
+        if self.scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
+            loss = self.recovery.train_step(step + 1, batch)
         else:
-            step_loss = recovery.train_step(step + 1, batch, scaler.scale)
-            zero.scale_grads(1.0 / scaler.scale)
-        step_loss = inject(step + 1, step_loss, runner.parameters(), zero)  # MLA_FAULT_* (tests)
-        if zero is not None:
-            grad_norm = zero.clip_grad_norm_(tc.grad_clip, topo.tp_group, topo.pp_group)
+            loss = self.recovery.train_step(step + 1, batch, self.scaler.scale)
+            self.zero.scale_grads(1.0 / self.scaler.scale)
+        if self.faults is not None:
+            loss = self.faults.after_backward(step + 1, loss, self.runner.parameters(), self.zero)
+        clip = config.train.grad_clip
+        if self.zero is not None:
+            grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group)
         else:
-            grad_norm = clip_grad_norm_(runner.parameters(), tc.grad_clip, topo.tp_group, topo.pp_group)
-        if not guard.skip_step(step + 1, step_loss, grad_norm, check_grad_norm=scaler is None):
-            loss_sum += step_loss
-            if scaler is None or not scaler.update(grad_norm.item()):  # fp16: skip a step with inf/NaN grads
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-        if step == start_step:
+            grad_norm = clip_grad_norm_(self.runner.parameters(), clip, topo.tp_group, topo.pp_group)
+        if not self.guard.skip_step(step + 1, loss, grad_norm, check_grad_norm=self.scaler is None):
+            self.loss_sum += loss
+            # fp16: the scaler skips a step with inf/NaN gradients
+            if self.scaler is None or not self.scaler.update(grad_norm.item()):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        if step == self.start_step:
             set_collective_timeout(topo, config.distributed.timeout_s)  # start-up is over
+        return lr, step_len, grad_norm
 
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            counted = done - last_log_step - guard.skipped_since(last_log_step)
-            mean_loss = runner.reduce_loss(loss_sum).item() / counted if counted else math.nan
-            now = time.perf_counter()
-            tokens_per_s = (tokens_done - tokens_at_last_log) / (now - last_log_time)
-            elapsed = now - start
-            eta = elapsed / (done - start_step) * (tc.steps - done)
-            entry = {
-                "step": done,
-                "loss": mean_loss,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": tokens_per_s,
-                "tokens": tokens_done,
-                "elapsed_s": elapsed,
-            }
-            if curriculum:
-                entry["seq_len"] = step_len
-            if scaler is not None:
-                entry["loss_scale"], entry["skipped_steps"] = scaler.scale, scaler.skipped_steps
-            if tc.on_nonfinite == "skip":
-                entry["skipped_nonfinite"] = len(guard.skipped)
-            tflops = tokens_per_s * flops_per_token(mcfg, step_len) / topo.world_size / 1e12
-            entry["tflops_per_device"] = tflops
-            if peak_tflops:
-                entry["mfu"] = tflops / peak_tflops
-            memory = monitor.sample()
-            entry.update(memory)
-            if recovery.retries:
-                entry["micro_batch_size"], entry["oom_retries"] = runner.mbs, recovery.retries
-            record(entry)
-            history.append(entry)
-            context.log(
-                f"step {done:>6}/{tc.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | grad-norm "
-                f"{entry['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/device | "
-                + (f"MFU {entry['mfu']:.1%} | " if "mfu" in entry else "")
-                + f"{monitor.describe(memory)} | "
-                + f"elapsed {_format_seconds(elapsed)} | eta {_format_seconds(eta)}"
-            )
-            if monitor.warning(memory):
-                context.log(monitor.warning(memory))
-            loss_sum.zero_()
-            last_log_step, last_log_time, tokens_at_last_log = done, time.perf_counter(), tokens_done
-            if tc.max_loss is not None and (not math.isfinite(mean_loss) or mean_loss > tc.max_loss):
-                stop_reason = (
-                    f"train loss {mean_loss:.4g} at step {done} is above train.max_loss={tc.max_loss}"
-                )
-                context.log(f"stopping: {stop_reason}")
-                break
-        if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
-            eval_start = time.perf_counter()
-            val_loss = runner.evaluate(val_windows)
-            entry = {
-                "step": done,
-                "split": "val",
-                "loss": val_loss,
-                "perplexity": math.exp(min(val_loss, 50)),
-            }
-            record(entry)
-            val_history.append(entry)
-            context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | step {done}")
-            last_log_time += time.perf_counter() - eval_start
-        if checkpoints.due(done) or guard.stop_requested:
-            checkpoints.save(done, tokens_done, loss_sum, last_log_step, guard.skipped)
-        if guard.stop_requested:
-            stop_reason = f"SIGTERM: stopped after step {done}, checkpoint saved"
-            context.log(f"stopping: {stop_reason}")
-            break
+    def _record(self, lr: float, step_len: int, grad_norm: torch.Tensor) -> dict:
+        """The training record of the logging window that ends at step `self.done`."""
+        tc, topo, done = self.config.train, self.context.topology, self.done
+        counted = done - self.last_log_step - self.guard.skipped_since(self.last_log_step)
+        mean_loss = self.runner.reduce_loss(self.loss_sum).item() / counted if counted else math.nan
+        now = time.perf_counter()
+        tokens_per_s = (self.tokens_done - self.tokens_at_last_log) / (now - self.last_log_time)
+        entry = {
+            "step": done,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "tokens": self.tokens_done,
+            "elapsed_s": now - self.start,
+        }
+        if tc.curriculum_start_seq_len is not None:
+            entry["seq_len"] = step_len
+        if self.scaler is not None:
+            entry["loss_scale"], entry["skipped_steps"] = self.scaler.scale, self.scaler.skipped_steps
+        if tc.on_nonfinite == "skip":
+            entry["skipped_nonfinite"] = len(self.guard.skipped)
+        tflops = tokens_per_s * flops_per_token(self.mcfg, step_len) / topo.world_size / 1e12
+        entry["tflops_per_device"] = tflops
+        if self.peak_tflops:
+            entry["mfu"] = tflops / self.peak_tflops
+        entry.update(self.monitor.sample())
+        if self.recovery.retries:
+            entry["micro_batch_size"], entry["oom_retries"] = self.runner.mbs, self.recovery.retries
+        return entry
 
-    if stop_reason is None and checkpoints.last_saved != done:
-        checkpoints.save(done, tokens_done, loss_sum, last_log_step, guard.skipped)
-    whole = (
-        zero.sharding.gathered_parameters()
-        if zero is not None and zero.sharding
-        else contextlib.nullcontext()
-    )
-    with whole:  # ZeRO-3 keeps only shards between steps
-        final_dir = save_final_weights(runner, mcfg, out_dir, context, dataset.tokenizer)
-        if config.lora.enabled:
-            adapter_dir = save_adapter(list(chunks.values()), out_dir / "adapter", topo.pp_group)
-    context.log(f"saved final weights to {final_dir}")
-    if config.lora.enabled:
-        context.log(f"saved the LoRA adapter (PEFT format) to {adapter_dir}")
-    sample = None
-    if tc.sample_tokens and stop_reason is None:
-        prompt = dataset.tokenizer.encode(tc.sample_prompt).ids or [dataset.eot_id]
-        ids = runner.generate(prompt, tc.sample_tokens, tc.seed)
-        sample = dataset.tokenizer.decode(ids)
-        context.log("sample: " + json.dumps(sample))
-    context.barrier()
-    return {
-        "final_loss": history[-1]["loss"] if history else None,
-        "val_loss": val_history[-1]["loss"] if val_history else None,
-        "val_perplexity": val_history[-1]["perplexity"] if val_history else None,
-        "first_val_loss": val_history[0]["loss"] if val_history else None,
-        "steps": tc.steps,
-        "tokens": tokens_done,
-        "stopped_early": stop_reason is not None,
-        "stop_reason": stop_reason,
-        "elapsed_s": time.perf_counter() - start,
-        "out_dir": str(out_dir),
-        "history": history,
-        "val_history": val_history,
-        "sample": sample,
-        "config": config_to_dict(resolved),
-    }
+    def log(self, lr: float, step_len: int, grad_norm: torch.Tensor) -> bool:
+        """Write and print the record of the window ending at `self.done`; False when `train.max_loss`
+        stops the run."""
+        tc, done = self.config.train, self.done
+        entry = self._record(lr, step_len, grad_norm)
+        self.metrics.add(entry)
+        eta = entry["elapsed_s"] / (done - self.start_step) * (tc.steps - done)
+        self.context.log(
+            f"step {done:>6}/{tc.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad-norm "
+            f"{entry['grad_norm']:.3f} | {entry['tokens_per_s']:,.0f} tok/s | "
+            f"{entry['tflops_per_device']:.3g} TFLOP/s/device | "
+            + (f"MFU {entry['mfu']:.1%} | " if "mfu" in entry else "")
+            + f"{self.monitor.describe(entry)} | "
+            + f"elapsed {format_seconds(entry['elapsed_s'])} | eta {format_seconds(eta)}"
+        )
+        if self.monitor.warning(entry):
+            self.context.log(self.monitor.warning(entry))
+        self.loss_sum.zero_()
+        self.last_log_step, self.last_log_time, self.tokens_at_last_log = (
+            done,
+            time.perf_counter(),
+            self.tokens_done,
+        )
+        mean_loss = entry["loss"]
+        if tc.max_loss is not None and (not math.isfinite(mean_loss) or mean_loss > tc.max_loss):
+            self._stop(f"train loss {mean_loss:.4g} at step {done} is above train.max_loss={tc.max_loss}")
+            return False
+        return True
+
+    def _stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.context.log(f"stopping: {reason}")
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss after `step` steps (0: before training); its time is not training time."""
+        eval_start = time.perf_counter()
+        val_loss = self.runner.evaluate(self.val_windows)
+        entry = {"step": step, "split": "val", "loss": val_loss, "perplexity": math.exp(min(val_loss, 50))}
+        self.metrics.add(entry)
+        when = f"step {step}" + (" (before training)" if step == 0 else "")
+        self.context.log(f"val_loss {val_loss:.4f} | val_ppl {entry['perplexity']:.2f} | {when}")
+        if step:
+            self.last_log_time += time.perf_counter() - eval_start
+
+    def save(self) -> None:
+        """A checkpoint of the state after `self.done` steps. Collective."""
+        self.checkpoints.save(
+            self.done, self.tokens_done, self.loss_sum, self.last_log_step, self.guard.skipped
+        )
+
+    def finish(self) -> dict:
+        """The last checkpoint, the final weights (and LoRA adapter), a sample, and the run's summary."""
+        context, out_dir, zero = self.context, self.out_dir, self.zero
+        if self.stop_reason is None and self.checkpoints.last_saved != self.done:
+            self.save()
+        whole = zero.sharding.gathered_parameters() if zero is not None and zero.sharding else None
+        with whole or contextlib.nullcontext():  # ZeRO-3 keeps only shards between steps
+            final_dir = save_final_weights(self.parts, self.mcfg, out_dir, context, self.dataset.tokenizer)
+            if self.config.lora.enabled:
+                adapter_dir = save_adapter(self.parts.chunks, out_dir / "adapter", context.topology.pp_group)
+        context.log(f"saved final weights to {final_dir}")
+        if self.config.lora.enabled:
+            context.log(f"saved the LoRA adapter (PEFT format) to {adapter_dir}")
+        sample = self._sample() if self.config.train.sample_tokens and self.stop_reason is None else None
+        context.barrier()
+        history, val_history = self.metrics.history, self.metrics.val_history
+        return {
+            "final_loss": history[-1]["loss"] if history else None,
+            "val_loss": val_history[-1]["loss"] if val_history else None,
+            "val_perplexity": val_history[-1]["perplexity"] if val_history else None,
+            "first_val_loss": val_history[0]["loss"] if val_history else None,
+            "steps": self.config.train.steps,
+            "tokens": self.tokens_done,
+            "stopped_early": self.stop_reason is not None,
+            "stop_reason": self.stop_reason,
+            "elapsed_s": time.perf_counter() - self.start,
+            "out_dir": str(out_dir),
+            "history": history,
+            "val_history": val_history,
+            "sample": sample,
+            "config": config_to_dict(self.layout.config),
+        }
+
+    def _sample(self) -> str:
+        tc, tokenizer = self.config.train, self.dataset.tokenizer
+        prompt = tokenizer.encode(tc.sample_prompt).ids or [self.dataset.eot_id]
+        sample = tokenizer.decode(self.runner.generate(prompt, tc.sample_tokens, tc.seed))
+        self.context.log("sample: " + json.dumps(sample))
+        return sample
