@@ -7,11 +7,12 @@ and `--json DIR/<name>.json`; its output goes to DIR/<name>.log. A script that f
 time limit is reported (with the end of its log) and the others still run; the exit status is 1 if any
 failed. Then one small function per benchmark reads its headline figures out of its JSON (a missing
 key shows as "n/a") and a single table is printed: benchmark, wall time, status, headline, value, the
-goal its issue states (if it states one) and whether it is met. The summary is also written to
+goal stated for it (if there is one) and whether it is met. The summary is also written to
 DIR/summary.json, and the table to DIR/summary.md.
 
 DIR defaults to benchmarks/results/run_all_quick/ with --quick and benchmarks/results/run_all/ without.
-Every figure is a ratio against a baseline measured in the same run of the same script (DESIGN §5).
+Every figure is a ratio against a baseline measured in the same run of the same script,
+because the machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def headline(label: str, value: float | str, goal: Goal | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------- headlines
 # One function per benchmark: its JSON (as written by the script) -> its headline rows. The goals are
-# those stated in the benchmark's issue; a headline without one is context (e.g. the ideal TP speed-up).
+# those the project set for each benchmark; a headline without one is context (e.g. the ideal TP speed-up).
 
 
 def data_parallel(r: dict) -> list[dict]:
-    """Our DataParallel / torch DDP step time per bucket size (issue 2: <= 1.0)."""
+    """Our DataParallel / torch DDP step time per bucket size (goal: <= 1.0)."""
     return [
         headline(
             f"ours / DDP step time, {fmt_g(get(v, 'bucket_cap_mb'))} MB buckets",
@@ -171,7 +172,7 @@ SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved_1f1b": "interleaved 
 
 
 def pipeline(r: dict) -> list[dict]:
-    """Per schedule at the largest m: idle time measured - theory, and idle / 1F1B's (issue 3)."""
+    """Per schedule at the largest m: idle time measured - theory, and idle / 1F1B's."""
     measured = [x for x in items(r, "rows") if "schedule" in x]
     ms = [m for x in measured if (m := num(x, "m")) != NA]
     m = max(ms, default=NA)
@@ -252,7 +253,7 @@ def zero(r: dict) -> list[dict]:
 
 
 def adam8bit(r: dict) -> list[dict]:
-    """AdamW8bit / fused AdamW step time at one thread (issue 5: faster than bitsandbytes and torchao,
+    """AdamW8bit / fused AdamW step time at one thread (goal: faster than bitsandbytes and torchao,
     which take 20-25x fused here), against those when installed, and optimizer-state bytes per parameter."""
     runs = items(r, "step_time")
     one = next((x for x in runs if num(x, "threads") == 1), {})

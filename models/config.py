@@ -1,7 +1,7 @@
 """MLAConfig: the shape of a DeepSeek-V2/V3 style Multi-head Latent Attention transformer.
 
-Field names follow DESIGN §3 (and, where they overlap, Hugging Face's DeepSeek config), so a config can
-be filled from a `config.json` without a translation table.
+Field names follow Hugging Face's DeepSeek config where they overlap, so a config can be filled from a
+`config.json` without a translation table.
 """
 
 from __future__ import annotations
