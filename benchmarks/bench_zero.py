@@ -413,14 +413,14 @@ def print_times(result: dict) -> None:
 
 
 def code_version() -> dict:
-    """The commit measured, and whether parallel/zero*.py differed from it (a shared working tree)."""
+    """The commit measured, and whether parallel/data/ differed from it (a shared working tree)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     return {
         "commit": git("rev-parse", "HEAD"),
-        "zero_files_modified": git("status", "--porcelain", "parallel/zero.py", "parallel/zero3.py"),
+        "zero_files_modified": git("status", "--porcelain", "parallel/data/"),
     }
 
 
