@@ -51,9 +51,9 @@ def _worker_main(rank: int, world_size: int, port: int, tasks: mp.Queue, results
         task = tasks.get()
         if task is None:
             break
-        fn, args = task
+        fn, args, kwargs = task
         try:
-            results.put((rank, "ok", fn(*args)))
+            results.put((rank, "ok", fn(*args, **kwargs)))
         except BaseException:  # report everything, including assertion errors, to the parent
             results.put((rank, "error", traceback.format_exc()))
     dist.destroy_process_group()
@@ -80,9 +80,9 @@ class WorkerPool:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 180) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 180, **kwargs: Any) -> list[Any]:
         for q in self.tasks:
-            q.put((fn, args))
+            q.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__name__", str(fn)), timeout)
 
     def _collect(self, what: str, timeout: float) -> list[Any]:
@@ -141,9 +141,12 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-def run_distributed(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180) -> list[Any]:
-    """Run `fn(*args)` on every rank of a pooled gloo world of `world_size`; results in rank order."""
-    return get_pool(world_size).run(fn, *args, timeout=timeout)
+def run_distributed(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180, **kwargs: Any
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on every rank of a pooled gloo world of `world_size`; results in rank
+    order. Tests pass the case's settings by keyword, so a call reads as the case it runs."""
+    return get_pool(world_size).run(fn, *args, timeout=timeout, **kwargs)
 
 
 class grid:

@@ -82,11 +82,17 @@ def _check_sequence_parallel(tp: int, overrides: dict, recompute: str) -> None:
 
 @pytest.mark.parametrize("recompute", ["none", "full", "selective"])
 def test_sequence_parallel_matches_single_process(recompute):
-    run_distributed(2, _check_sequence_parallel, 2, {}, recompute)
+    run_distributed(2, _check_sequence_parallel, tp=2, overrides={}, recompute=recompute)
 
 
 def test_sequence_parallel_without_query_compression_tied_embeddings():
-    run_distributed(2, _check_sequence_parallel, 2, dict(q_lora_rank=None, tie_embeddings=True), "none")
+    run_distributed(
+        2,
+        _check_sequence_parallel,
+        tp=2,
+        overrides=dict(q_lora_rank=None, tie_embeddings=True),
+        recompute="none",
+    )
 
 
 def _check_indivisible_length() -> None:

@@ -116,7 +116,16 @@ def test_fp32_state_reshards_exactly_across_layouts(tmp_path):
     dirs = [str(tmp_path / f"step-{i}") for i in range(len(chain))]
     for i, (layout, stage) in enumerate(chain):
         source = dirs[i - 1] if i else None
-        run_distributed(2, _save_in, layout, "adamw", stage, source, dirs[i], i == 0)
+        run_distributed(
+            2,
+            _save_in,
+            layout=layout,
+            optim="adamw",
+            stage=stage,
+            source=source,
+            target=dirs[i],
+            train=i == 0,
+        )
     model, opt = _build(None, "adamw", None)
     checkpoint.load(dirs[-1], model, opt)
     checkpoint.save(tmp_path / "single", model, opt, step=2)
@@ -131,10 +140,14 @@ def test_fp32_state_reshards_exactly_across_layouts(tmp_path):
 
 def test_8bit_state_is_exact_in_the_same_layout_and_requantized_in_another(tmp_path):
     a, again, other, other_again = (str(tmp_path / n) for n in ("a", "again", "other", "other_again"))
-    run_distributed(2, _save_in, {"dp": 2}, "adamw8bit", 2, None, a, True)
-    run_distributed(2, _save_in, {"dp": 2}, "adamw8bit", 2, a, again)
-    run_distributed(2, _save_in, {"tp": 2}, "adamw8bit", None, a, other)
-    run_distributed(2, _save_in, {"tp": 2}, "adamw8bit", None, other, other_again)
+    run_distributed(
+        2, _save_in, layout={"dp": 2}, optim="adamw8bit", stage=2, source=None, target=a, train=True
+    )
+    run_distributed(2, _save_in, layout={"dp": 2}, optim="adamw8bit", stage=2, source=a, target=again)
+    run_distributed(2, _save_in, layout={"tp": 2}, optim="adamw8bit", stage=None, source=a, target=other)
+    run_distributed(
+        2, _save_in, layout={"tp": 2}, optim="adamw8bit", stage=None, source=other, target=other_again
+    )
     for first, second in ((a, again), (other, other_again)):  # byte-identical shards in the same layout
         first, second = checkpoint.read_manifest(first), checkpoint.read_manifest(second)
         assert first["units"], "the 8-bit codes must be saved as units"
@@ -211,7 +224,16 @@ def test_prune_keeps_the_newest_and_removes_leftovers(tmp_path):
 
 
 def test_manifest_describes_every_tensor_and_file(tmp_path):
-    run_distributed(2, _save_in, {"tp": 2}, "adamw8bit", None, None, str(tmp_path / "c"), True)
+    run_distributed(
+        2,
+        _save_in,
+        layout={"tp": 2},
+        optim="adamw8bit",
+        stage=None,
+        source=None,
+        target=str(tmp_path / "c"),
+        train=True,
+    )
     manifest = checkpoint.read_manifest(tmp_path / "c")
     assert manifest["layout"] == {
         "world_size": 2,

@@ -88,11 +88,11 @@ def _check_data_parallel(dp: int, tp: int, micro: int, bucket_cap_mb: float, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("micro", [1, 2])
 def test_data_parallel_matches_single_process(micro, dtype):
-    run_distributed(2, _check_data_parallel, 2, 1, micro, 0.01, dtype)
+    run_distributed(2, _check_data_parallel, dp=2, tp=1, micro=micro, bucket_cap_mb=0.01, dtype=dtype)
 
 
 def test_data_parallel_composes_with_tensor_parallel():
-    run_distributed(4, _check_data_parallel, 2, 2, 2, 25, torch.float64)
+    run_distributed(4, _check_data_parallel, dp=2, tp=2, micro=2, bucket_cap_mb=25, dtype=torch.float64)
 
 
 def _check_no_sync_communicates_nothing() -> None:

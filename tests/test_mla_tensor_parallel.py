@@ -76,7 +76,7 @@ def _check_model(tp: int, overrides: dict) -> None:
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_mla_tensor_parallel_matches_single_process(tp):
-    run_distributed(tp, _check_model, tp, {})
+    run_distributed(tp, _check_model, tp=tp, overrides={})
 
 
 def test_mla_tensor_parallel_without_query_compression_tied_and_yarn():
@@ -90,7 +90,7 @@ def test_mla_tensor_parallel_without_query_compression_tied_and_yarn():
             "mscale_all_dim": 1.0,
         },
     )
-    run_distributed(2, _check_model, 2, overrides)
+    run_distributed(2, _check_model, tp=2, overrides=overrides)
 
 
 def _check_heads_not_divisible() -> None:

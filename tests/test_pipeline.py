@@ -159,17 +159,17 @@ def _check_pipeline(pp: int, tp: int, schedule: str, m: int, v: int) -> None:
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb1p"])
 @pytest.mark.parametrize("pp", [2, 4])
 def test_schedules_match_single_process(schedule, pp):
-    run_distributed(pp, _check_pipeline, pp, 1, schedule, 4, 1)
+    run_distributed(pp, _check_pipeline, pp=pp, tp=1, schedule=schedule, m=4, v=1)
 
 
 @pytest.mark.parametrize("pp", [2, 4])
 def test_interleaved_with_two_virtual_stages_matches_single_process(pp):
-    run_distributed(pp, _check_pipeline, pp, 1, "interleaved_1f1b", pp * 2, 2)
+    run_distributed(pp, _check_pipeline, pp=pp, tp=1, schedule="interleaved_1f1b", m=pp * 2, v=2)
 
 
 def test_fewer_microbatches_than_stages_work():
-    run_distributed(4, _check_pipeline, 4, 1, "1f1b", 2, 1)
+    run_distributed(4, _check_pipeline, pp=4, tp=1, schedule="1f1b", m=2, v=1)
 
 
 def test_pipeline_composes_with_tensor_parallel():
-    run_distributed(4, _check_pipeline, 2, 2, "zb1p", 4, 1)
+    run_distributed(4, _check_pipeline, pp=2, tp=2, schedule="zb1p", m=4, v=1)

@@ -64,11 +64,11 @@ def _check_column(tp: int, gather_output: bool, sequence_parallel: bool) -> None
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("gather_output", [False, True])
 def test_column_parallel_linear_matches_linear(tp, gather_output):
-    run_distributed(tp, _check_column, tp, gather_output, False)
+    run_distributed(tp, _check_column, tp=tp, gather_output=gather_output, sequence_parallel=False)
 
 
 def test_column_parallel_linear_sequence_parallel():
-    run_distributed(2, _check_column, 2, False, True)
+    run_distributed(2, _check_column, tp=2, gather_output=False, sequence_parallel=True)
 
 
 def _check_row(tp: int, input_is_parallel: bool, sequence_parallel: bool, bias: bool) -> None:
@@ -106,11 +106,13 @@ def _check_row(tp: int, input_is_parallel: bool, sequence_parallel: bool, bias: 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("input_is_parallel", [True, False])
 def test_row_parallel_linear_matches_linear(tp, input_is_parallel):
-    run_distributed(tp, _check_row, tp, input_is_parallel, False, True)
+    run_distributed(
+        tp, _check_row, tp=tp, input_is_parallel=input_is_parallel, sequence_parallel=False, bias=True
+    )
 
 
 def test_row_parallel_linear_sequence_parallel():
-    run_distributed(2, _check_row, 2, True, True, False)
+    run_distributed(2, _check_row, tp=2, input_is_parallel=True, sequence_parallel=True, bias=False)
 
 
 def _check_embedding_and_cross_entropy(tp: int, vocab: int) -> None:

@@ -109,25 +109,39 @@ class _nullcontext:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dp", [2, 4])
 def test_zero_matches_single_process_adamw(stage, dp):
-    run_distributed(dp, _check_against_single_process, dp, 1, stage, 1, 0.0, False)
+    run_distributed(
+        dp, _check_against_single_process, dp=dp, tp=1, stage=stage, micro=1, clip=0.0, offload=False
+    )
 
 
 def test_zero_with_accumulation_and_clipping():
-    run_distributed(2, _check_against_single_process, 2, 1, 2, 2, 0.05, False)
+    run_distributed(2, _check_against_single_process, dp=2, tp=1, stage=2, micro=2, clip=0.05, offload=False)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_with_tensor_parallel_accumulation_and_clipping(stage):
-    run_distributed(4, _check_against_single_process, 2, 2, stage, 2, 0.05, False)
+    run_distributed(
+        4, _check_against_single_process, dp=2, tp=2, stage=stage, micro=2, clip=0.05, offload=False
+    )
 
 
 def test_zero3_with_accumulation_clipping_and_offload():
-    run_distributed(2, _check_against_single_process, 2, 1, 3, 2, 0.05, True)
+    run_distributed(2, _check_against_single_process, dp=2, tp=1, stage=3, micro=2, clip=0.05, offload=True)
 
 
 def test_zero3_with_activation_recompute():
     # recompute runs a layer's forward inside backward: no prefetch may carry weights across a step
-    run_distributed(2, _check_against_single_process, 2, 1, 3, 1, 0.0, False, True)
+    run_distributed(
+        2,
+        _check_against_single_process,
+        dp=2,
+        tp=1,
+        stage=3,
+        micro=1,
+        clip=0.0,
+        offload=False,
+        recompute=True,
+    )
 
 
 def _check_zero3_keeps_only_shards() -> None:
@@ -152,7 +166,7 @@ def test_zero3_frees_parameters_between_uses():
 
 
 def test_zero_with_offload():
-    run_distributed(2, _check_against_single_process, 2, 1, 1, 1, 0.0, True)
+    run_distributed(2, _check_against_single_process, dp=2, tp=1, stage=1, micro=1, clip=0.0, offload=True)
 
 
 def _check_bit_exact_against_data_parallel(stage: int) -> None:
