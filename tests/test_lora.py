@@ -310,8 +310,10 @@ def test_tensor_parallel_lora_equals_single_process_lora(tmp_path):
 
 def _check_tp_qlora() -> None:
     """NF4 bases under tp=2 (each rank quantizes its shard) against single-process LoRA on the same
-    decoded weights, gathered: column- and row-parallel NF4 bases compute their share of that model."""
-    config = _config()
+    decoded weights, gathered: column- and row-parallel NF4 bases compute their share of that model.
+    v_head_dim=32: o_proj's 128 input columns split into whole NF4 blocks of 64; vocab_size=132: an NF4
+    lm_head must split evenly."""
+    config = _config(v_head_dim=32, vocab_size=132)
     inputs, targets = _batch(config)
     with grid(tp=2) as topo:
         g = topo.tp_group
@@ -360,7 +362,7 @@ CLI_MODEL = dict(
     kv_lora_rank=32,
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
-    v_head_dim=16,
+    v_head_dim=32,  # o_proj's 128 input columns split over tp=2 into whole NF4 blocks of 64
     intermediate_size=128,
     max_seq_len=64,
 )
@@ -403,7 +405,7 @@ def test_cli_fine_tunes_a_pretrained_folder_with_qlora_under_tp(tmp_path):
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 2 * 2 * 2 and adapter[
         f"{PEFT_PREFIX}model.layers.1.self_attn.o_proj.lora_A.weight"
-    ].shape == (4, 64)
+    ].shape == (4, 128)
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
         "o_proj",
         "q_b_proj",

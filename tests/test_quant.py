@@ -246,9 +246,9 @@ def test_nf4_round_trip_error_on_gaussian_weights():
             True,
             Fraction(4) + Fraction(8, 64) + Fraction(32, 64 * 256) + Fraction(32, 65536),
         ),
-        # 100 values: 2 blocks of 64 (128 codes = 64 bytes), 2 absmaxes padded to one block of 256 codes
+        # 100 values: 2 blocks of 64 (128 codes = 64 bytes), 2 absmax codes, one group scale, the mean
         (100, 64, False, Fraction(64 * 8 + 2 * 32, 100)),
-        (100, 64, True, Fraction(64 * 8 + 256 * 8 + 32 + 32, 100)),
+        (100, 64, True, Fraction(64 * 8 + 2 * 8 + 32 + 32, 100)),
     ],
 )
 def test_nf4_storage_bits_are_exact(numel, block_size, double_quant, expected):

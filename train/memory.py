@@ -79,7 +79,7 @@ def nf4_bytes(numel: int) -> int:
     """Bytes of `quantize_nf4` with double quantization: packed codes, 8-bit absmaxes, their scales, mean."""
     blocks = -(-numel // NF4_BLOCK)
     groups = -(-blocks // 256)
-    return blocks * NF4_BLOCK // 2 + groups * 256 + groups * 4 + 4
+    return blocks * NF4_BLOCK // 2 + blocks + groups * 4 + 4
 
 
 def _linear(name, out_f, in_f, kind, tp, unit, lora) -> list[TensorSpec]:

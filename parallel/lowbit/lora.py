@@ -33,6 +33,8 @@ when the ranks share their RNG state, as the model's own dropout already require
 
 NF4 bases (`quantize_base="nf4"`): each rank's shard of W is quantized (shard first, then quantize) into
 an `NF4Linear` (parallel.lowbit.nf4_linear), so no full-precision weight is kept or saved for backward.
+Blocks are those of the full W (parallel.lowbit.nf4): the shard's codes and scales are exactly its slice
+of the full weight's, so a QLoRA model computes the same thing at any tp.
 
 Targets follow PEFT: a list of names matches every module whose name equals one of them or ends with
 "." + one of them (`"q_b_proj"`, `"self_attn.o_proj"`); a single string is a regular expression that must
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import _all_reduce, copy_to_group, group_rank, group_size
-from parallel.lowbit.nf4_linear import NF4Linear, compute_dtype
+from parallel.lowbit.nf4_linear import NF4Linear, compute_dtype, nf4_layout_of_shard
 from parallel.pipeline import ModelParts
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_sharded, shard_tensor
 
@@ -141,7 +143,10 @@ class LoRALinear(nn.Module):
         # weight moves (quantized) into `base_layer`, and the state dict must keep PEFT's key layout.
         object.__setattr__(self, "parallel", None if kind == "linear" else base)
         if quantize_base == "nf4":
-            quantized = NF4Linear(base.weight, base.bias)
+            where = nf4_layout_of_shard(
+                base.weight.shape, self.weight_tp_dim, self.weight_full_size, self.group, name
+            )
+            quantized = NF4Linear(base.weight, base.bias, layout=where, group=self.group)
             if kind != "linear":
                 base.weight = base.bias = None  # the TP layer keeps no full-precision copy
             base = quantized

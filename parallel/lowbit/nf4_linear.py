@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.lowbit.quant import NF4Tensor, dequantize_nf4, quantize_nf4
+from parallel.collectives import group_rank, group_size
+from parallel.lowbit.quant import NF4BlockLayout, NF4Tensor, dequantize_nf4, nf4_shard_layout, quantize_nf4
 
 NF4_FIELDS = ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
 
@@ -28,6 +29,26 @@ def compute_dtype(x: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
     for t in others:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def nf4_layout_of_shard(
+    local_shape: torch.Size, dim: int | None, full_size: int | None, group, name: str = "weight"
+) -> NF4BlockLayout | None:
+    """Where this rank's shard (split along `dim` over `group`, `full_size` in all) sits in the full
+    weight, for `NF4Linear`; None when the weight is not split. Uneven or off-block splits are errors."""
+    tp = group_size(group)
+    if tp == 1 or dim is None:
+        return None
+    if local_shape[dim] * tp != full_size:
+        raise ValueError(
+            f"{name}: an NF4 base of {full_size} along dim {dim} is not split evenly over {tp} ranks"
+        )
+    full = list(local_shape)
+    full[dim] = full_size
+    try:
+        return nf4_shard_layout(tuple(full), dim, group_rank(group), tp)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -51,6 +72,10 @@ class NF4Linear(nn.Module):
     compute dtype (autocast's when on), backward decodes it again for the input gradient: W never has a
     gradient, and the autograd graph holds no full-precision copy of it. The codes and scales are buffers
     (they move with `.to()` and are in the state dict). `bias`, if any, is kept as given, frozen.
+
+    Under tensor parallelism `weight` is this rank's shard, `layout` (`nf4_shard_layout`) places it in
+    the full weight and `group` is the tensor-parallel group: the codes and scales are then this shard's
+    slice of the full weight's (construction is collective over `group`).
     """
 
     def __init__(
@@ -59,12 +84,15 @@ class NF4Linear(nn.Module):
         bias: nn.Parameter | None = None,
         block_size: int = 64,
         double_quant: bool = True,
+        layout: NF4BlockLayout | None = None,
+        group=None,
     ) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"NF4Linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        q = quantize_nf4(weight.detach(), block_size=block_size, double_quant=double_quant)
+        q = quantize_nf4(weight.detach(), block_size, double_quant, layout, group)
+        self.block_layout = layout
         self.block_size, self.double_quant, self.weight_dtype = q.block_size, q.double_quant, q.dtype
         for field in NF4_FIELDS:
             self.register_buffer(field, getattr(q, field))
@@ -90,6 +118,7 @@ class NF4Linear(nn.Module):
             shape=torch.Size((self.out_features, self.in_features)),
             block_size=self.block_size,
             dtype=self.weight_dtype,
+            layout=self.block_layout,
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

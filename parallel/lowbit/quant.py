@@ -34,8 +34,10 @@ Two code books:
 NF4 storage (`NF4Tensor`): block size 64 by default, two codes per byte, the *first* element of each pair
 in the high nibble (byte = q_{2i} << 4 | q_{2i+1}, as bitsandbytes packs), one absmax per block. With
 double quantization the absmaxes s_b are themselves quantized: their mean mu is subtracted and
-s_b - mu is stored with the signed dynamic 8-bit map in blocks of 256 (one fp32 scale per 256 absmaxes),
-mu kept in fp32. Bits per parameter, for a tensor of n = 64 * 256 * k values:
+s_b - mu is stored with the signed dynamic 8-bit map in groups of 256 (one fp32 scale per 256 absmaxes),
+mu kept in fp32. Blocks and groups are defined on the full tensor, so that a tensor-parallel shard holds
+exactly its slice of the full tensor's codes and scales (`parallel.lowbit.nf4`). Bits per parameter, for
+a tensor of n = 64 * 256 * k values:
 
     without double quantization: 4 + 32/64                      = 4.5
     with:                        4 + 8/64 + 32/(64*256) + 32/n  = 4.127 + 32/n
@@ -243,98 +245,29 @@ def dequantize_blockwise(
     return values[: math.prod(shape)].reshape(shape)
 
 
-@dataclass
-class NF4Tensor:
-    """A tensor in 4-bit NormalFloat, block-wise, optionally with double-quantized absmaxes.
+# NF4 lives in parallel.lowbit.nf4, which uses the block-wise machinery above; its names are part of
+# this module's public contract (`quant.quantize_nf4`, ...).
+from parallel.lowbit.nf4 import (  # noqa: E402
+    NF4BlockLayout,
+    NF4Tensor,
+    dequantize_nf4,
+    nf4_absmax,
+    nf4_shard_layout,
+    quantize_nf4,
+)
 
-    `packed` holds ceil(n_blocks * block_size / 2) bytes, first element of a pair in the high nibble.
-    Without double quantization `absmax` is the fp32 per-block scale and the three `absmax_*` fields are
-    None; with it `absmax` is None and the scales are `absmax_codes` (uint8, signed dynamic map, blocks of
-    256, padded), `absmax_scale` (fp32, one per 256 absmaxes) and `absmax_offset` (fp32 scalar, their mean).
-    `dtype` is the dtype of the quantized tensor, which `dequantize_nf4` returns by default.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor | None
-    absmax_codes: torch.Tensor | None
-    absmax_scale: torch.Tensor | None
-    absmax_offset: torch.Tensor | None
-    shape: torch.Size
-    block_size: int
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.block_size)
-
-    @property
-    def double_quant(self) -> bool:
-        return self.absmax is None
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in self._fields_in_order() if t is not None]
-
-    def storage_bits(self) -> int:
-        """Exact number of bits held in tensors (codes, scales, offset), padding included."""
-        return sum(8 * t.numel() * t.element_size() for t in self.tensors())
-
-    def bits_per_parameter(self) -> float:
-        return self.storage_bits() / self.numel
-
-    def to(self, device: torch.device | str) -> NF4Tensor:
-        moved = [None if t is None else t.to(device) for t in self._fields_in_order()]
-        return NF4Tensor(*moved, shape=self.shape, block_size=self.block_size, dtype=self.dtype)
-
-    def _fields_in_order(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
-
-
-_SIGNED_DYNAMIC = create_dynamic_map(signed=True)
-
-
-def quantize_nf4(w: torch.Tensor, block_size: int = NF4_BLOCK_SIZE, double_quant: bool = True) -> NF4Tensor:
-    """Quantize `w` (any shape, float, finite) to block-wise NF4; see the module docstring for the layout."""
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size}: expected a positive integer")
-    if not w.is_floating_point():
-        raise ValueError(f"quantize_nf4 expects a floating-point tensor, got {w.dtype}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("quantize_nf4: the tensor contains NaN or infinity")
-    q, absmax = quantize_blocks(_blocks(w.detach(), block_size), rounding_tables(NF4_CODE, w.device))
-    q = q.reshape(-1)
-    if q.numel() % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    packed = (q[0::2] << 4) | q[1::2]
-    if not double_quant:
-        return NF4Tensor(packed, absmax, None, None, None, w.shape, block_size, w.dtype)
-    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-    absmax_codes, absmax_scale = quantize_blockwise(absmax - offset, _SIGNED_DYNAMIC, ABSMAX_BLOCK_SIZE)
-    return NF4Tensor(packed, None, absmax_codes, absmax_scale, offset, w.shape, block_size, w.dtype)
-
-
-def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
-    """The per-block fp32 scales of `q` (decoded from the double quantization when there is one)."""
-    if q.absmax is not None:
-        return q.absmax
-    centered = dequantize_blockwise(q.absmax_codes, q.absmax_scale, _SIGNED_DYNAMIC, ABSMAX_BLOCK_SIZE)
-    return centered[: q.n_blocks] + q.absmax_offset
-
-
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor `q` encodes, of its original shape, in `dtype` (default: the dtype that was quantized).
-
-    Decoding is done in float32 (code value times block absmax) and cast once at the end.
-    """
-    unpacked = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=-1).reshape(-1)
-    padded = q.n_blocks * q.block_size
-    codes = unpacked[:padded].view(q.n_blocks, q.block_size)
-    values = dequantize_blocks(codes, nf4_absmax(q), rounding_tables(NF4_CODE, q.device)).reshape(-1)
-    return values[: q.numel].reshape(q.shape).to(dtype or q.dtype)
+__all__ = [
+    "ABSMAX_BLOCK_SIZE",
+    "NF4_BLOCK_SIZE",
+    "NF4_CODE",
+    "NF4BlockLayout",
+    "NF4Tensor",
+    "create_dynamic_map",
+    "dequantize_blockwise",
+    "dequantize_nf4",
+    "nf4_absmax",
+    "nf4_shard_layout",
+    "quantize_blockwise",
+    "quantize_nf4",
+    "rounding_tables",
+]
