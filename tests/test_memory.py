@@ -40,7 +40,7 @@ MODEL = dict(
     kv_lora_rank=32,
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
-    v_head_dim=12,
+    v_head_dim=32,  # o_proj: 128 input columns, whole NF4 blocks of 64 per rank at tp=2
     intermediate_size=96,
     max_seq_len=32,
 )
