@@ -88,3 +88,21 @@ def test_row_shards_need_whole_blocks_not_whole_rows():
 def test_shards_off_block_boundaries_are_rejected_with_the_numbers(shape, dim, message):
     with pytest.raises(ValueError, match=message):
         nf4_shard_layout(shape, dim, 0, 2)
+
+
+def test_a_qlora_layout_that_splits_off_block_boundaries_is_refused_before_building():
+    from train.config import ConfigError, load_config
+    from train.layout import Layout, model_config
+
+    model = dict(hidden_size=64, num_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+    overrides = [f"model.{k}={v}" for k, v in model.items()]
+    lora = ["lora.enabled=true", "lora.quantize_base=nf4", "lora.targets=[o_proj]", "data.seq_len=32"]
+    config = load_config(None, [*overrides, *lora])
+    mcfg = model_config(config, vocab_size=128)
+    Layout.resolve(config, mcfg, dp=1, tp=1)  # one process: nothing is split
+    message = (
+        r"lora.quantize_base='nf4' with distributed.tp=2: model.layers.0.self_attn.o_proj: NF4 weight of "
+        r"shape \(64, 48\) split over 2 ranks along dim 1: each shard holds 24 columns of 48"
+    )
+    with pytest.raises(ConfigError, match=message):
+        Layout.resolve(config, mcfg, dp=1, tp=2)

@@ -19,9 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from models.config import MLAConfig
 from models.deepseek import read_config
-from models.transformer import StageSpec, split_layers
+from models.transformer import MLATransformer, StageSpec, split_layers
+from parallel.lowbit.lora import target_matches
+from parallel.lowbit.quant import nf4_shard_layout
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear
 from train.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -83,6 +88,30 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
             f"data.seq_len={config.data.seq_len}: sequence parallelism splits the sequence over "
             f"distributed.tp={dc.tp} ranks, so it must be divisible by it"
         )
+    return _nf4_split_problem(config, mcfg)
+
+
+def _nf4_split_problem(config: Config, mcfg: MLAConfig) -> str | None:
+    """NF4 bases are quantized in blocks of the full weight, so each tp shard must hold whole blocks."""
+    tp, lora = config.distributed.tp or 1, config.lora
+    if tp == 1 or not lora.enabled or lora.quantize_base != "nf4":
+        return None
+    with torch.device("meta"):
+        model = MLATransformer(mcfg)
+    for name, module in model.named_modules():
+        dim = (
+            0
+            if isinstance(module, ColumnParallelLinear)
+            else 1
+            if isinstance(module, RowParallelLinear)
+            else None
+        )
+        if dim is None or not target_matches(name, lora.targets):
+            continue
+        try:
+            nf4_shard_layout(tuple(module.weight.shape), dim, 0, tp)
+        except ValueError as error:
+            return f"lora.quantize_base='nf4' with distributed.tp={tp}: {name}: {error}"
     return None
 
 
