@@ -5,8 +5,10 @@
 
 `--checkpoint` is a run folder (its `final/` weights are used) or any folder that directly holds
 `model.safetensors` + `config.json` (MLAConfig fields, as the trainer writes them; a Hugging Face
-DeepSeek folder is read with `models.deepseek.load_pretrained`) + `tokenizer.json` (or pass
-`--tokenizer`). Decoding stops at `<|endoftext|>`. The text goes to stdout; a line of statistics (speed,
+DeepSeek folder, such as a run's `final/`, is read with `models.deepseek.load_pretrained`) +
+`tokenizer.json` (or pass `--tokenizer`). Decoding stops at the folder's end token (`eos_token_id` of its
+`generation_config.json`, else `<|endoftext|>`); the prompt starts with its begin token when the run's
+`mla_run.json` names one. The text goes to stdout; a line of statistics (speed,
 cache size against standard multi-head attention) goes to stderr. One process, on CUDA when available.
 """
 
@@ -62,6 +64,26 @@ def load_tokenizer(folder: Path, given: str | None) -> tokenizers.Tokenizer:
     raise ValueError(f"--tokenizer: no tokenizer at {where!r} (pass --tokenizer path/to/tokenizer.json)")
 
 
+def special_ids(folder: Path, tokenizer: tokenizers.Tokenizer) -> tuple[int | None, int | None]:
+    """(eos id, bos id to start prompts with) of a weights folder; see the module docstring."""
+    generation, run = folder / "generation_config.json", folder / "mla_run.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    eos = eos[0] if isinstance(eos, list) else eos
+    bos_token = json.loads(run.read_text()).get("bos_token") if run.is_file() else None
+    bos = None if bos_token is None else tokenizer.token_to_id(bos_token)
+    return (tokenizer.token_to_id(EOT) if eos is None else eos), bos
+
+
+def prompt_ids(tokenizer: tokenizers.Tokenizer, prompt: str, eos: int | None, bos: int | None) -> list[int]:
+    """The prompt's token ids as the run encoded documents: [bos] + text (no other special tokens)."""
+    ids = ([] if bos is None else [bos]) + tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        if eos is None:
+            raise ValueError("--prompt: empty, and the tokenizer has no end token to start from")
+        ids = [eos]
+    return ids
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,10 +107,8 @@ def main(argv: list[str] | None = None) -> str:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         model = load_model(folder, device, dtype)
         tokenizer = load_tokenizer(folder, args.tokenizer)
-        eot = tokenizer.token_to_id(EOT)
-        prompt = tokenizer.encode(args.prompt).ids or ([eot] if eot is not None else [])
-        if not prompt:
-            raise ValueError("--prompt: empty, and the tokenizer has no <|endoftext|> to start from")
+        eot, bos = special_ids(folder, tokenizer)
+        prompt = prompt_ids(tokenizer, args.prompt, eot, bos)
         start = time.perf_counter()
         ids = generate(
             model,

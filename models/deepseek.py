@@ -40,6 +40,7 @@ from parallel.tensor import gather_tensor, tp_dim
 from parallel.topology import Topology
 
 __all__ = [
+    "checkpoint_dtype",
     "config_from_hf",
     "config_to_hf",
     "full_state",
@@ -221,23 +222,47 @@ def full_state(
     return {name: state[name] for name in sorted(state)}
 
 
-def save_pretrained(
-    model: nn.Module | Sequence[nn.Module], path: str | Path, pp_group: dist.ProcessGroup | None = None
-) -> Path:
-    """Write `config.json` + `model.safetensors` (fp32, full tensors) that transformers loads.
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a Hugging Face folder stores its weights in (that of its first floating tensor)."""
+    reader = _CheckpointReader(Path(path))
+    for name in reader.names():
+        dtype = SAFETENSORS_DTYPES.get(reader.slice(name).get_dtype())
+        if dtype is not None:
+            return dtype
+    return torch.float32
 
-    `model` is a model or this rank's pipeline chunks (with their `pp_group`). Collective: every rank
-    calls; shards are gathered and global rank 0 writes. A model with LoRA adapters is saved merged (see
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_pretrained(
+    model: nn.Module | Sequence[nn.Module],
+    path: str | Path,
+    pp_group: dist.ProcessGroup | None = None,
+    dtype: torch.dtype = torch.float32,
+    token_ids: dict[str, int | None] | None = None,
+) -> Path:
+    """Write `config.json`, `generation_config.json` and `model.safetensors` (full tensors in `dtype`)
+    that transformers loads.
+
+    `model` is a model or this rank's pipeline chunks (with their `pp_group`). `token_ids` may give
+    `bos_token_id`, `eos_token_id`, `pad_token_id` for both configs. Collective: every rank calls;
+    shards are gathered and global rank 0 writes. A model with LoRA adapters is saved merged (see
     `full_state`); save the adapters alone with `parallel.lowbit.lora.save_adapter`.
     """
     path = Path(path)
     state = full_state(model, pp_group)
     if not dist.is_initialized() or dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.float() for name, t in state.items()}
+        tensors = {name: t.to(dtype).contiguous() for name, t in state.items()}
         save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
         config = ModelParts.of(model).first.config
-        (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        ids = {k: v for k, v in (token_ids or {}).items() if k in SPECIAL_IDS and v is not None}
+        hf = {**config_to_hf(config, str(dtype).removeprefix("torch.")), **ids}
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        generation = {"_from_model_config": True, **ids}
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
     return path

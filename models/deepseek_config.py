@@ -165,8 +165,9 @@ def read_config(path: str | Path) -> MLAConfig:
     return config_from_hf(json.loads(file.read_text()), where=str(file))[0]
 
 
-def config_to_hf(config: MLAConfig) -> dict[str, Any]:
-    """A `config.json` for transformers' `DeepseekV3ForCausalLM` (4.x and 5.x keys), every layer dense."""
+def config_to_hf(config: MLAConfig, dtype: str = "float32") -> dict[str, Any]:
+    """A `config.json` for transformers' `DeepseekV3ForCausalLM` (4.x and 5.x keys), every layer dense;
+    `dtype` names the weights' dtype (`torch_dtype` in 4.x, `dtype` in 5.x)."""
     hf: dict[str, Any] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -191,7 +192,8 @@ def config_to_hf(config: MLAConfig) -> dict[str, Any]:
         "first_k_dense_replace": config.num_layers,
         "num_nextn_predict_layers": 0,
         "rope_interleave": True,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
+        "dtype": dtype,
         "rope_theta": config.rope_theta,
     }
     scaling = config.rope_scaling

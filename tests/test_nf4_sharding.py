@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_harness import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallel.lowbit.quant import dequantize_nf4, nf4_absmax, nf4_shard_layout, quantize_nf4
-from tests.dist_harness import run_distributed
 
 
 def _case_tensor(shape: tuple[int, int], seed: int) -> torch.Tensor:

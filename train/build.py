@@ -1,6 +1,6 @@
 """This rank's share of a run, from its config and layout: the model parts (fresh, pretrained, LoRA,
 16-bit, compiled), the optimizer (AdamW or 8-bit AdamW, plain or inside a ZeroOptimizer), the runner
-that trains them, and the final weights written as one Hugging Face folder.
+that trains them. The final weights are written by train/hf_folder.py.
 
 Every chunk is built from the same seed, so the full weights do not depend on the layout; each rank
 keeps its tensor-parallel shard of the stages it holds (train/layout.py's stage plan).
@@ -8,14 +8,10 @@ keeps its tensor-parallel shard of the stages it holds (train/layout.py's stage 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import save_file
 
 from models.config import MLAConfig
-from models.deepseek import full_state, load_pretrained
+from models.deepseek import load_pretrained
 from models.transformer import MLATransformer
 from parallel.data import ZeroOptimizer
 from parallel.data.zero3 import default_units
@@ -24,7 +20,6 @@ from parallel.lowbit.lora import apply_lora
 from parallel.pipeline import ModelParts
 from parallel.topology import Topology
 from train.config import Config
-from train.context import RunContext
 from train.layout import Layout, rank_stages, uses_zero
 from train.runner import ModelRunner
 
@@ -118,19 +113,3 @@ def build_runner(
         bucket_cap_mb=dc.bucket_cap_mb,
         grad_sync=optimizer if isinstance(optimizer, ZeroOptimizer) else None,
     )
-
-
-def save_final_weights(
-    parts: ModelParts, mcfg: MLAConfig, out_dir: Path, context: RunContext, tokenizer=None
-) -> Path:
-    """Full weights as `final/model.safetensors` + `final/config.json` (+ the `tokenizer.json`, so the
-    folder is all that generation needs), written by global rank 0. LoRA adapters are merged in."""
-    tensors = full_state(parts.chunks, context.topology.pp_group)
-    folder = out_dir / "final"
-    if context.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save(str(folder / "tokenizer.json"))
-    return folder

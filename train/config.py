@@ -50,8 +50,12 @@ class DataConfig:
     """`stdlib` (the Python standard library's `.py` sources, found at run time) or a path to a text file
     or a folder of text files (recursive; binary, empty and hidden files skipped)."""
     tokenizer: str | None = None
-    """A `tokenizer.json` with an `<|endoftext|>` token; null trains a byte-level BPE on the corpus and
-    caches it."""
+    """A `tokenizer.json` (any; its `tokenizer_config.json` alongside is read for the end and begin
+    tokens). Null: with `model.pretrained` the folder's own `tokenizer.json` (an error when it has none),
+    else a byte-level BPE trained on the corpus and cached."""
+    eos_token: str | None = None
+    """The token appended after every document (its text, e.g. `<|endoftext|>`); null: the tokenizer
+    config's `eos_token`, else the pretrained model's `eos_token_id`, else `<|endoftext|>`."""
     vocab_size: int = 2048
     """Size of the trained tokenizer, in tokens (>= 257: 256 bytes + `<|endoftext|>`); unused with
     `data.tokenizer`."""

@@ -5,30 +5,30 @@ CHECKPOINT is a checkpoint folder (`RUN/checkpoints/step-NNNNNNNN`), or a run's 
 under whatever layout wrote it, and the whole model is rebuilt in this one process from the checkpoint's
 resolved config: weights from the fp32 master copies where the run had them (ZeRO, 16-bit training),
 LoRA adapters merged into their base weights. OUT gets `config.json` + `model.safetensors` through
-`models.deepseek.save_pretrained` (what transformers' DeepseekV3ForCausalLM loads), and the run's
-`tokenizer.json` when it can be found (`data.tokenizer`, or the run's `final/`).
+train/hf_folder.py: the same folder as the run's `final/` (transformers' DeepseekV3ForCausalLM loads it;
+dtype, bos/eos ids, generation config, tokenizer files; the tokenizer is `data.tokenizer` or the run's
+`final/tokenizer.json`).
 
 NF4 (QLoRA) bases are not in checkpoints (they are frozen and rebuilt from their source): they are
-re-quantized here from `model.pretrained` (or the seed) in one piece, so where the run used tp > 1 the
-merged base can differ from the run's shard-wise quantization by NF4 rounding.
+re-quantized here from `model.pretrained` (or the seed) in one piece. NF4 blocks are those of the full
+tensor at any tp, so this gives exactly the codes the run's tp shards held: the export is the run's model.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from models.config import MLAConfig
-from models.deepseek import save_pretrained
 from parallel import checkpoint
 from parallel.topology import ParallelDims, Topology
 from train.build import build_model
 from train.checkpointing import choose_checkpoint
 from train.config import ConfigError, DistributedConfig, config_from_dict
 from train.context import fail
+from train.hf_folder import write_hf_folder
 
 
 def resolve(path: str | Path) -> Path:
@@ -47,25 +47,29 @@ def export(path: str | Path, out: str | Path) -> Path:
     saved = checkpoint.read_manifest(path)["config"]
     if saved is None:
         raise ValueError(f"{path}: the checkpoint has no config; export needs the run's resolved config")
-    config = config_from_dict(saved)
-    nf4 = config.lora.enabled and config.lora.quantize_base == "nf4"
-    model = {k: v for k, v in config.model.items() if k != "pretrained"}
+    original = config_from_dict(saved)
+    nf4 = original.lora.enabled and original.lora.quantize_base == "nf4"
+    model = {k: v for k, v in original.model.items() if k != "pretrained"}
     config = replace(
-        config,
+        original,
         # the checkpoint holds every weight except NF4 bases, which are rebuilt from their source
-        model={**model, "pretrained": config.model.get("pretrained") if nf4 else None},
+        model={**model, "pretrained": original.model.get("pretrained") if nf4 else None},
         distributed=DistributedConfig(),
-        train=replace(config.train, precision="fp32"),
+        train=replace(original.train, precision="fp32"),
     )
     topology = Topology(ParallelDims())
     parts = build_model(config, MLAConfig(**model), topology)
     checkpoint.load(path, parts, topology=topology, restore_rng=False)
-    out = save_pretrained(parts.chunks, out)
     run_dir = path.parent.parent
-    for tokenizer in (config.data.tokenizer, run_dir / "final" / "tokenizer.json"):
-        if tokenizer and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, Path(out) / "tokenizer.json")
-            break
+    tokenizer = next(
+        (
+            t
+            for t in (original.data.tokenizer, run_dir / "final" / "tokenizer.json")
+            if t and Path(t).is_file()
+        ),
+        None,
+    )
+    write_hf_folder(parts, out, original, tokenizer)
     return Path(out)
 
 

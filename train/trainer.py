@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,15 @@ from parallel.data import ZeroOptimizer
 from parallel.grad_clip import clip_grad_norm_
 from parallel.lowbit.lora import save_adapter
 from parallel.lowbit.loss_scaler import DynamicLossScaler
-from train.build import build_model, build_optimizer, build_runner, save_final_weights
+from train.build import build_model, build_optimizer, build_runner
 from train.checkpointing import Checkpointer
 from train.config import Config, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, prepare_dataset, validation_windows
+from train.data.tokenizer import pretrained_eos_id, resolve_tokenizer
 from train.faults import FaultPlan, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
+from train.hf_folder import write_hf_folder
 from train.layout import Layout, check_tokens, model_config
 from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
@@ -59,6 +62,11 @@ class Trainer:
     def __init__(
         self, config: Config, context: RunContext, guard: StepGuard, faults: FaultPlan | None = None
     ) -> None:
+        pretrained = config.model.get("pretrained")
+        # before any work: with a pretrained model, its own tokenizer (or an error), never a fresh one
+        config = replace(
+            config, data=replace(config.data, tokenizer=resolve_tokenizer(config.data.tokenizer, pretrained))
+        )
         self.config, self.context, self.guard, self.faults = config, context, guard, faults
         topo, tc = context.topology, config.train
         random.seed(tc.seed)
@@ -66,6 +74,8 @@ class Trainer:
         self.dataset = prepare_dataset(
             config.data.corpus,
             tokenizer=config.data.tokenizer,
+            eos_token=config.data.eos_token,
+            model_eos_id=pretrained_eos_id(pretrained),
             vocab_size=config.data.vocab_size,
             cache_dir=config.data.cache_dir,
             max_corpus_mb=config.data.max_corpus_mb,
@@ -282,9 +292,20 @@ class Trainer:
             self.save()
         whole = zero.sharding.gathered_parameters() if zero is not None and zero.sharding else None
         with whole or contextlib.nullcontext():  # ZeRO-3 keeps only shards between steps
-            final_dir = save_final_weights(self.parts, self.mcfg, out_dir, context, self.dataset.tokenizer)
+            final_dir = write_hf_folder(
+                self.parts,
+                out_dir / "final",
+                self.layout.config,
+                self.dataset.tokenizer_file,
+                context.topology.pp_group,
+            )
             if self.config.lora.enabled:
-                adapter_dir = save_adapter(self.parts.chunks, out_dir / "adapter", context.topology.pp_group)
+                adapter_dir = save_adapter(
+                    self.parts.chunks,
+                    out_dir / "adapter",
+                    context.topology.pp_group,
+                    self.config.model.get("pretrained"),
+                )
         context.log(f"saved final weights to {final_dir}")
         if self.config.lora.enabled:
             context.log(f"saved the LoRA adapter (PEFT format) to {adapter_dir}")
@@ -310,7 +331,10 @@ class Trainer:
 
     def _sample(self) -> str:
         tc, tokenizer = self.config.train, self.dataset.tokenizer
-        prompt = tokenizer.encode(tc.sample_prompt).ids or [self.dataset.eot_id]
+        head = [] if self.dataset.bos_id is None else [self.dataset.bos_id]  # as documents start
+        prompt = head + tokenizer.encode(tc.sample_prompt, add_special_tokens=False).ids or [
+            self.dataset.eot_id
+        ]
         sample = tokenizer.decode(self.runner.generate(prompt, tc.sample_tokens, tc.seed))
         self.context.log("sample: " + json.dumps(sample))
         return sample

@@ -46,13 +46,14 @@ def _is_writer() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def adapter_config(settings: LoraSettings) -> dict:
-    """The `adapter_config.json` content (PEFT's LoraConfig fields) for adapters made with `settings`."""
+def adapter_config(settings: LoraSettings, base_model: str | None = None) -> dict:
+    """The `adapter_config.json` content (PEFT's LoraConfig fields) for adapters made with `settings` on
+    the model at `base_model` (PEFT's `base_model_name_or_path`, which AutoPeftModel loads)."""
     targets = settings.targets
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
         "r": settings.r,
@@ -76,9 +77,11 @@ def save_adapter(
     model: nn.Module | Sequence[nn.Module] | Mapping[int, nn.Module],
     directory: str | Path,
     pp_group: dist.ProcessGroup | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write the adapters (full: TP-gathered, and from every pipeline stage when `pp_group` is given) in
-    PEFT's layout. `model` is a model or this rank's pipeline chunks. Collective; global rank 0 writes."""
+    PEFT's layout; `base_model` is recorded as `base_model_name_or_path`. `model` is a model or this
+    rank's pipeline chunks. Collective; global rank 0 writes."""
     parts = ModelParts.of(model)
     settings = getattr(parts.first, "lora_settings", None)
     if settings is None:
@@ -98,7 +101,9 @@ def save_adapter(
     if _is_writer():
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(settings), indent=2) + "\n")
+        (directory / ADAPTER_CONFIG).write_text(
+            json.dumps(adapter_config(settings, base_model), indent=2) + "\n"
+        )
     if dist.is_initialized():
         dist.barrier()
     return directory

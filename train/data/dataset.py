@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 
 from train.data.sources import MIB, corpus_files, read_text
-from train.data.tokenizer import EOT, load_tokenizer_file, train_tokenizer
+from train.data.tokenizer import EOT, load_tokenizer_file, special_tokens, tokenizer_config, train_tokenizer
 
 FORMAT_VERSION = 2
 _ENCODE_BATCH = 64
@@ -37,6 +37,8 @@ class Dataset:
     vocab_size: int
     eot_id: int
     max_token_id: int
+    bos_id: int | None = None
+    tokenizer_file: str | None = None  # the cached copy of the tokenizer.json
 
 
 def _cache_key(
@@ -62,12 +64,16 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "train.json").is_file() and (folder / "val.json").is_file()
 
 
-def _encode_documents(tok: tokenizers.Tokenizer, files: list[Path], eot_id: int) -> Iterator[np.ndarray]:
-    """Each document's token ids followed by ``eot_id``; ``<|endoftext|>`` inside a text is plain text."""
+def _encode_documents(
+    tok: tokenizers.Tokenizer, files: list[Path], eot_id: int, bos_id: int | None = None
+) -> Iterator[np.ndarray]:
+    """Each document's token ids (after ``bos_id`` when given) followed by ``eot_id``; special tokens
+    inside a text are plain text."""
+    head = [] if bos_id is None else [bos_id]
     for i in range(0, len(files), _ENCODE_BATCH):
         texts = [read_text(p) for p in files[i : i + _ENCODE_BATCH]]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
-            yield np.array([*enc.ids, eot_id], dtype=np.int64)
+            yield np.array([*head, *enc.ids, eot_id], dtype=np.int64)
 
 
 def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dict) -> int:
@@ -92,6 +98,7 @@ def _build(
     vocab_size: int,
     val_fraction: float,
     log: Callable[[str], None],
+    eos: tuple[str | None, int | None] = (None, None),
 ) -> None:
     """Build the cache in a temporary folder next to ``folder`` and rename it into place."""
     start = time.perf_counter()
@@ -107,19 +114,21 @@ def _build(
         else:
             tok = given
             shutil.copyfile(given_path, tmp / "tokenizer.json")
-        tok.encode_special_tokens = True  # not saved; only the separators we insert are EOT tokens
-        eot_id = tok.token_to_id(EOT)
+        tok.encode_special_tokens = True  # not saved; only the separators we insert are special tokens
+        special = special_tokens(tok, given_path, *eos)
+        eot_id, bos_id = special.eos_id, special.bos_id
         info = {
             "format_version": FORMAT_VERSION,
             "key": key,
             "dtype": "uint16" if tok.get_vocab_size() <= 65536 else "uint32",
             "vocab_size": tok.get_vocab_size(),
             "eot_id": eot_id,
+            "bos_id": bos_id,
         }
         n_docs = len(files)
         log(f"data: tokenizing {n_docs} documents (vocab {tok.get_vocab_size()})")
         if n_docs == 1:
-            ids = next(_encode_documents(tok, files, eot_id))
+            ids = next(_encode_documents(tok, files, eot_id, bos_id))
             cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
             n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
             n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
@@ -130,10 +139,13 @@ def _build(
             head = [p for i, p in enumerate(files) if i not in val_index]
             tail = [p for i, p in enumerate(files) if i in val_index]
             n_train = _write_split(
-                tmp, "train", _encode_documents(tok, head, eot_id), {**info, "num_documents": len(head)}
+                tmp,
+                "train",
+                _encode_documents(tok, head, eot_id, bos_id),
+                {**info, "num_documents": len(head)},
             )
             n_val = _write_split(
-                tmp, "val", _encode_documents(tok, tail, eot_id), {**info, "num_documents": len(tail)}
+                tmp, "val", _encode_documents(tok, tail, eot_id, bos_id), {**info, "num_documents": len(tail)}
             )
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
@@ -164,6 +176,8 @@ def _load(folder: Path) -> Dataset:
         vocab_size=tok.get_vocab_size(),
         eot_id=sidecars[0]["eot_id"],
         max_token_id=max(s["max_token_id"] for s in sidecars),
+        bos_id=sidecars[0].get("bos_id"),
+        tokenizer_file=str(folder / "tokenizer.json"),
     )
 
 
@@ -178,6 +192,8 @@ def prepare_dataset(
     is_builder: bool,
     barrier: Callable[[], None],
     log: Callable[[str], None] = print,
+    eos_token: str | None = None,
+    model_eos_id: int | None = None,
 ) -> Dataset:
     """Tokenize ``corpus`` once into ``cache_dir`` and memory-map it; every rank of a job calls this.
 
@@ -185,23 +201,34 @@ def prepare_dataset(
     the tokenizer file's content, max_corpus_mb, val_fraction and the format version. If it is missing,
     the ``is_builder`` rank builds it (atomically: temporary folder, then rename). Then every rank calls
     ``barrier()`` exactly once, also when this call fails, so ranks never diverge; then every rank loads
-    it. The validation split is ``val_fraction`` of the documents, spread evenly over the corpus (at
-    least one each side), or the tail of the tokens when there is a single document.
+    it. Documents end with the end token and start with the begin token when the tokenizer adds one
+    (`special_tokens`, from ``eos_token`` and ``model_eos_id`` too). The validation split is
+    ``val_fraction`` of the documents, spread evenly over the corpus (at least one each
+    side), or the tail of the tokens when there is a single document.
     """
     try:
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction}: must be strictly between 0 and 1")
         given = None if tokenizer is None else load_tokenizer_file(tokenizer)
+        if given is not None:
+            special_tokens(
+                given, tokenizer, eos_token, model_eos_id
+            )  # bad special tokens: fail on every rank
         if given is None and vocab_size < 256 + 1:
             raise ValueError(f"data.vocab_size={vocab_size}: must be >= 257 (256 byte tokens + {EOT})")
         files = corpus_files(corpus, max_corpus_mb)
         tok_sha = None if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+        choices = [eos_token, model_eos_id, tokenizer_config(tokenizer)]
+        if any(choices):  # the end and begin tokens change the token stream (default: the key as before)
+            tok_sha = f"{tok_sha}:{json.dumps(choices, sort_keys=True)}"
         key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction)
         folder = Path(cache_dir) / key[:16]
         if _is_complete(folder):
             log(f"data: cache hit {folder}")
         elif is_builder:
-            _build(folder, key, files, given, tokenizer, vocab_size, val_fraction, log)
+            _build(
+                folder, key, files, given, tokenizer, vocab_size, val_fraction, log, (eos_token, model_eos_id)
+            )
     finally:
         barrier()
     if not _is_complete(folder):
