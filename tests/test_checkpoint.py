@@ -352,7 +352,14 @@ def test_resume_auto_skips_a_corrupted_checkpoint_says_why_and_continues_exactly
             "train.precision=bf16",
             "distributed.offload_optimizer=true",
         ],
-        ["distributed.tp=2", "lora.enabled=true", "lora.quantize_base=nf4", "optim.name=adamw8bit"],
+        # v_head_dim=32: o_proj's 128 input columns split into whole NF4 blocks of 64 at tp=2
+        [
+            "distributed.tp=2",
+            "lora.enabled=true",
+            "lora.quantize_base=nf4",
+            "optim.name=adamw8bit",
+            "model.v_head_dim=32",
+        ],
         [
             "distributed.pp=2",
             "distributed.pp_schedule=interleaved_1f1b",

@@ -16,6 +16,8 @@ all read a config through this module, so they agree on every number and refuse 
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -91,25 +93,30 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
     return _nf4_split_problem(config, mcfg)
 
 
+@functools.lru_cache(maxsize=16)
+def _split_linears(model_json: str) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    """(name, split dim, full weight shape) of every column- (0) and row-parallel (1) linear of a model."""
+    with torch.device("meta"):
+        model = MLATransformer(MLAConfig(**json.loads(model_json)))
+    kinds = ((ColumnParallelLinear, 0), (RowParallelLinear, 1))
+    return tuple(
+        (name, dim, tuple(module.weight.shape))
+        for name, module in model.named_modules()
+        for kind, dim in kinds
+        if isinstance(module, kind)
+    )
+
+
 def _nf4_split_problem(config: Config, mcfg: MLAConfig) -> str | None:
     """NF4 bases are quantized in blocks of the full weight, so each tp shard must hold whole blocks."""
     tp, lora = config.distributed.tp or 1, config.lora
     if tp == 1 or not lora.enabled or lora.quantize_base != "nf4":
         return None
-    with torch.device("meta"):
-        model = MLATransformer(mcfg)
-    for name, module in model.named_modules():
-        dim = (
-            0
-            if isinstance(module, ColumnParallelLinear)
-            else 1
-            if isinstance(module, RowParallelLinear)
-            else None
-        )
-        if dim is None or not target_matches(name, lora.targets):
+    for name, dim, shape in _split_linears(json.dumps(mcfg.to_dict(), sort_keys=True)):
+        if not target_matches(name, lora.targets):
             continue
         try:
-            nf4_shard_layout(tuple(module.weight.shape), dim, 0, tp)
+            nf4_shard_layout(shape, dim, 0, tp)
         except ValueError as error:
             return f"lora.quantize_base='nf4' with distributed.tp={tp}: {name}: {error}"
     return None
