@@ -5,35 +5,30 @@
     torchrun --standalone --nproc-per-node 2 examples/finetune_qlora.py --pretrained DIR distributed.tp=2
 
 Step 1 (only without --pretrained, in one process) makes a stand-in for a downloaded checkpoint: a tiny MLA
-model trained briefly on the start of the built-in corpus (the Python standard library), exported with
-`models.deepseek.save_pretrained` as a Hugging Face DeepSeek-V3 folder (config.json + model.safetensors)
-with its tokenizer.json beside it. Any all-dense DeepSeek-V2/V3 folder works the same way.
+model trained briefly on the start of the built-in corpus (the Python standard library); the run's
+`final/` is already a Hugging Face DeepSeek-V3 folder (config.json, model.safetensors, tokenizer files).
+Any all-dense DeepSeek-V2/V3 folder works the same way.
 
 Step 2 fine-tunes it on another text (the standard library's `email` package) and is exactly the command
 
-    python examples/train_mla.py model.pretrained=DIR data.tokenizer=DIR/tokenizer.json \\
+    python examples/train_mla.py model.pretrained=DIR \\
         lora.enabled=true lora.quantize_base=nf4 lora.r=8 lora.alpha=16 data.corpus=... train.steps=...
 
 The targeted linears (here every linear of the decoder layers, as in the QLoRA paper) have their weights
-quantized to NF4, each rank its own tensor-parallel shard, and frozen; only the adapters train.
-The run writes `adapter/` in PEFT's layout (`peft.PeftModel.from_pretrained(base, DIR/adapter)` reads
-it), `final/` (the base with the adapters merged in) and the usual `metrics.jsonl`.
+quantized to NF4, each rank its own tensor-parallel shard (in blocks of the full weight, so the codes do
+not depend on tp), and frozen; only the adapters train. The run writes `adapter/` in PEFT's layout
+(`peft.AutoPeftModelForCausalLM.from_pretrained(DIR/adapter)` reads it), `final/` (the NF4-rounded base
+with the adapters merged in) and the usual `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sysconfig
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from models.config import MLAConfig
-from models.deepseek import save_pretrained
-from models.transformer import MLATransformer
 from train.config import load_config
 from train.trainer import train_once
 
@@ -47,7 +42,7 @@ BASE = [  # a ~1.3M-parameter MLA model, trained for a couple of minutes
     "model.qk_nope_head_dim=32",
     "model.qk_rope_head_dim=16",
     "model.v_head_dim=32",
-    "model.intermediate_size=352",
+    "model.intermediate_size=384",  # down_proj: 192 input columns per rank at tp=2, whole NF4 blocks
     "model.max_seq_len=128",
     "data.vocab_size=2048",
     "data.max_corpus_mb=1",
@@ -71,13 +66,9 @@ FINETUNE = [
 
 
 def make_base_model(folder: Path) -> Path:
-    """Train a tiny model with the library's trainer, then export it in the DeepSeek layout."""
+    """Train a tiny model with the library's trainer; its `final/` is a DeepSeek folder with its tokenizer."""
     result = train_once(load_config(None, [*BASE, f"train.out_dir={folder / 'training'}"]))
-    final = Path(result["out_dir"]) / "final"
-    model = MLATransformer(MLAConfig(**json.loads((final / "config.json").read_text())))
-    model.load_state_dict(load_file(final / "model.safetensors"))
-    save_pretrained(model, folder)
-    shutil.copy(final / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copytree(Path(result["out_dir"]) / "final", folder)
     return folder
 
 
@@ -96,10 +87,8 @@ def main() -> None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise SystemExit("make the base model in one process first, or pass --pretrained DIR")
             make_base_model(pretrained)
-    tokenizer = pretrained / "tokenizer.json"
-    settings = [
+    settings = [  # the tokenizer is the pretrained folder's own
         f"model.pretrained={pretrained}",
-        *([f"data.tokenizer={tokenizer}"] if tokenizer.exists() else []),
         *FINETUNE,
         f"train.out_dir={OUT / 'finetune'}",
         *args.overrides,
