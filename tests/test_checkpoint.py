@@ -459,3 +459,21 @@ def test_export_writes_a_merged_hugging_face_folder(cache_dir, tmp_path):
     for name, value in final.items():
         torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-7, msg=name)
     assert load_pretrained(out).config.vocab_size == 300
+
+
+def test_a_tp2_qlora_checkpoint_resumes_at_tp1_to_1e5(cache_dir, tmp_path):
+    """NF4 bases are rebuilt at load, in blocks of the full weight whatever the layout: the dp=2 resume of
+    a tp=2 QLoRA run follows it to 1e-5 (fp32 summation order). init_std=0.3 makes the quantized bases
+    matter (with 0.02 the residual stream hides them): per-shard double quantization then moves it by
+    more than 1e-5."""
+    qlora = ["lora.enabled=true", "lora.quantize_base=nf4", "model.v_head_dim=32", "model.init_std=0.3"]
+    qlora += ["optim.lr=1e-2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = [*TRAIN, f"data.cache_dir={cache_dir}", *qlora]
+    run_distributed(2, _train_once, [*args, f"train.out_dir={ref}", "distributed.tp=2"])
+    source = f"train.resume={ref}/checkpoints/step-00000003"
+    run_distributed(2, _train_once, [*args, f"train.out_dir={run}", "distributed.dp=2", source])
+    got, expected = _losses(run), _losses(ref, first=3)
+    assert [s for s, _, _ in got] == [4, 5, 6]
+    for (_, loss, _), (_, loss_ref, _) in zip(got, expected, strict=True):
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
