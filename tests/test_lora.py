@@ -393,9 +393,14 @@ def _run_cli(args: list[str], nproc: int) -> subprocess.CompletedProcess:
 
 def test_cli_fine_tunes_a_pretrained_folder_with_qlora_under_tp(tmp_path):
     from models.deepseek import save_pretrained
+    from train.data.tokenizer import train_tokenizer
 
     torch.manual_seed(3)
     save_pretrained(MLATransformer(MLAConfig(**CLI_MODEL)), tmp_path / "base")
+    # a pretrained folder brings its tokenizer (the run uses it by default)
+    train_tokenizer([(Path(__file__).parents[1] / "README.md").read_text()], 512).save(
+        str(tmp_path / "base" / "tokenizer.json")
+    )
     common = [*CLI_RUN, f"data.cache_dir={tmp_path / 'cache'}", f"model.pretrained={tmp_path / 'base'}"]
     lora = ["lora.enabled=true", "lora.quantize_base=nf4", "lora.r=4", "lora.targets=[q_b_proj,o_proj]"]
     out = tmp_path / "run"
