@@ -236,7 +236,12 @@ def test_zero3_refuses_the_tied_embeddings_of_a_pretrained_folder():
 
 
 def test_zero3_with_a_tied_pretrained_folder_is_a_one_line_error(cache_dir, tmp_path):
+    from train.data.tokenizer import train_tokenizer
+
     run_keys = [arg for arg in TINY if not arg.startswith("model.")]  # the folder defines the model
+    # the fixture folder has no tokenizer.json: without data.tokenizer that is the first error
+    train_tokenizer([(ROOT / "README.md").read_text()], 300).save(str(tmp_path / "tokenizer.json"))
     args = [*run_keys, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
+    args.append(f"data.tokenizer={tmp_path / 'tokenizer.json'}")
     result = run_cli([*args, f"model.pretrained={TIED_FOLDER}", "distributed.zero_stage=3"], timeout=120)
     _assert_one_line_error(result, "model.tie_embeddings=true", "distributed.zero_stage=3")
