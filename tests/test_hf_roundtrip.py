@@ -179,6 +179,9 @@ def test_lora_final_matches_peft_on_the_original_base_and_greedy_decoding_matche
     base = _base(tmp_path / "base")
     run = _train(tmp_path, base, "lora", LORA, tp=2, steps=3)
     _check_folder(run / "final")
+    _cli([str(run), str(tmp_path / "export")], module="train.export")  # rebuilt at tp=1, adapters merged
+    _check_folder(tmp_path / "export")
+    _close(_our_logits(tmp_path / "export"), _our_logits(run / "final"), "export of the LoRA run")
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base)
     model = peft.AutoPeftModelForCausalLM.from_pretrained(run / "adapter", dtype=torch.float32).eval()
@@ -201,7 +204,7 @@ def test_lora_final_matches_peft_on_the_original_base_and_greedy_decoding_matche
 
 def test_full_fine_tuning_of_a_bf16_base_exports_bf16(tmp_path):
     base = _base(tmp_path / "base", torch.bfloat16)
-    run = _train(tmp_path, base, "full", [], tp=1, steps=2)
+    run = _train(tmp_path, base, "full", [], tp=2, steps=2)
     _check_folder(run / "final", dtype="BF16")
     assert json.loads((run / "final" / "config.json").read_text())["dtype"] == "bfloat16"
 
