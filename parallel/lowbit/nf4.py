@@ -26,6 +26,7 @@ bits) divided by the number of blocks, and c_g is an all-reduce MAX over the vec
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -150,8 +151,7 @@ class NF4Tensor:
         """For each block, the index of its group's scale in `absmax_scale`."""
         if self.layout is None:
             return torch.arange(self.n_blocks, device=self.device) // ABSMAX_BLOCK_SIZE
-        groups = self.layout.full_index(self.n_blocks, self.device) // ABSMAX_BLOCK_SIZE
-        return torch.unique(groups, return_inverse=True)[1]
+        return _shard_group_index(self.layout, self.n_blocks, str(self.device))
 
     def to(self, device: torch.device | str) -> NF4Tensor:
         moved = [None if t is None else t.to(device) for t in self._fields_in_order()]
@@ -161,6 +161,14 @@ class NF4Tensor:
 
     def _fields_in_order(self) -> tuple[torch.Tensor | None, ...]:
         return (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_group_index(layout: NF4BlockLayout, n_blocks: int, device: str) -> torch.Tensor:
+    """Per block of a shard, the index of its group among the groups the shard touches (cached: every
+    decode of every layer of one shape needs the same)."""
+    groups = layout.full_index(n_blocks, device) // ABSMAX_BLOCK_SIZE
+    return torch.unique(groups, return_inverse=True)[1]
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
