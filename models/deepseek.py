@@ -13,7 +13,8 @@ care in one place:
   2i+1 <- row i + d/2. We always save the interleaved layout (and say so in config.json).
 
 Loading under tensor parallelism reads only this rank's rows or columns of each sharded tensor
-(`safe_open(...).get_slice`), zero-padded like `shard_tensor`. Mixture-of-experts layers are rejected.
+(`safe_open(...).get_slice`), zero-padded like `shard_tensor`. Mixture-of-experts weights carry their
+published names; V3's correction biases are buffers (`models.deepseek_moe`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 
 from models.config import MLAConfig
 from models.deepseek_config import config_from_hf, config_to_hf, read_config
+from models.deepseek_moe import buffer_names, buffer_state
 from models.transformer import MLATransformer, StageSpec
 from parallel.collectives import group_size
 from parallel.lowbit.lora import LoRALinear
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-MOE_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(experts|gate|shared_experts)\.")
 IGNORED_WEIGHT = re.compile(r".*rotary_emb\.inv_freq$")
 
 
@@ -132,7 +133,7 @@ def load_pretrained(
     With `stage` (pipeline parallelism) only that stage's layers (and embedding / head) are built and
     read; under tensor parallelism each rank reads only its own slices of the sharded tensors. Weights
     may be stored in any floating dtype; they are converted to fp32. Missing or unexpected tensors, wrong
-    shapes and mixture-of-experts weights are errors naming the tensor (the MTP layers past
+    shapes are errors naming the tensor (the MTP layers past
     `num_hidden_layers` of DeepSeek-V3 releases are ignored, as transformers does).
     """
     path = Path(path)
@@ -141,15 +142,9 @@ def load_pretrained(
     )
     reader = _CheckpointReader(path)
     names = reader.names()
-    for name in names:
-        match = MOE_WEIGHT.match(name)
-        if match:
-            raise ValueError(
-                f"{path}: layer {match.group(1)} has mixture-of-experts weights ({name}); only dense layers "
-                f"are supported"
-            )
     with torch.device("meta"):  # every name of the whole model, without allocating it
-        known = {name for name, _ in MLATransformer(config).named_parameters()}
+        meta = MLATransformer(config)
+        known = {name for name, _ in meta.named_parameters()} | set(buffer_names(meta))
     missing = sorted(known - set(names))
     if missing:
         raise ValueError(f"{path}: tensors missing from the checkpoint: {missing}")
@@ -166,6 +161,9 @@ def load_pretrained(
             if not interleaved:
                 local = rope_rows_to_interleaved(name, local, config)
             param.copy_(local.to(param.dtype))
+        buffers = dict(model.named_buffers())
+        for name in buffer_names(model):
+            buffers[name].copy_(reader.slice(name)[:].to(buffers[name].dtype))
     return model
 
 
@@ -198,6 +196,7 @@ def _local_state(model: MLATransformer) -> dict[str, torch.Tensor]:
             state[f"{name}.bias"] = (
                 bias if bias_dim is None else gather_tensor(bias, bias_dim, module.bias.tp_full_size, group)
             )
+    state.update(buffer_state(model))
     return {name: t.cpu().contiguous() for name, t in state.items()}
 
 
