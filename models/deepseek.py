@@ -14,7 +14,7 @@ care in one place:
 
 Loading under tensor parallelism reads only this rank's rows or columns of each sharded tensor
 (`safe_open(...).get_slice`), zero-padded like `shard_tensor`. Mixture-of-experts weights carry their
-published names; V3's correction biases are buffers (`models.deepseek_moe`).
+published names (`models.deepseek_moe`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from torch import nn
 
 from models.config import MLAConfig
 from models.deepseek_config import config_from_hf, config_to_hf, read_config
-from models.deepseek_moe import buffer_names, buffer_state
 from models.transformer import MLATransformer, StageSpec
 from parallel.collectives import group_size
 from parallel.lowbit.lora import LoRALinear
@@ -143,8 +142,7 @@ def load_pretrained(
     reader = _CheckpointReader(path)
     names = reader.names()
     with torch.device("meta"):  # every name of the whole model, without allocating it
-        meta = MLATransformer(config)
-        known = {name for name, _ in meta.named_parameters()} | set(buffer_names(meta))
+        known = {name for name, _ in MLATransformer(config).named_parameters()}
     missing = sorted(known - set(names))
     if missing:
         raise ValueError(f"{path}: tensors missing from the checkpoint: {missing}")
@@ -161,9 +159,6 @@ def load_pretrained(
             if not interleaved:
                 local = rope_rows_to_interleaved(name, local, config)
             param.copy_(local.to(param.dtype))
-        buffers = dict(model.named_buffers())
-        for name in buffer_names(model):
-            buffers[name].copy_(reader.slice(name)[:].to(buffers[name].dtype))
     return model
 
 
@@ -196,7 +191,6 @@ def _local_state(model: MLATransformer) -> dict[str, torch.Tensor]:
             state[f"{name}.bias"] = (
                 bias if bias_dim is None else gather_tensor(bias, bias_dim, module.bias.tp_full_size, group)
             )
-    state.update(buffer_state(model))
     return {name: t.cpu().contiguous() for name, t in state.items()}
 
 

@@ -3,8 +3,8 @@
 Weights need no renaming: our MoE modules carry the published names (`mlp.gate.weight`,
 `mlp.gate.e_score_correction_bias`, `mlp.experts.{j}.{gate,up,down}_proj.weight`,
 `mlp.shared_experts.*`), which transformers 5's `save_pretrained` also writes (it fuses the experts only
-in memory). The one non-parameter tensor, V3's correction bias, is a buffer: `buffer_names` lists it for
-the loader and `buffer_state` adds it to a saved state.
+in memory). V3's correction bias, a buffer in transformers, is a frozen parameter here, so it is read
+and written like every weight.
 
 Config keys: transformers' classes fix the routing by model type (DeepSeek-V2: softmax scores, greedy or
 group_limited_greedy, no normalisation of the top-k weights; V3: sigmoid scores, noaux_tc, with the
@@ -18,9 +18,6 @@ sigmoid + noaux_tc, the two routings transformers implements; other MoE routings
 from __future__ import annotations
 
 from typing import Any
-
-import torch
-from torch import nn
 
 from models.config import MLAConfig
 
@@ -105,14 +102,3 @@ def moe_config_to_hf(config: MLAConfig) -> dict[str, Any]:
     hf["n_group"] = config.n_group or 1
     hf["topk_group"] = config.topk_group or 1
     return hf
-
-
-def buffer_names(model: nn.Module) -> list[str]:
-    """Names of the checkpoint tensors that are buffers of `model` (V3's correction biases)."""
-    return [name for name, _ in model.named_buffers() if name.endswith("gate.e_score_correction_bias")]
-
-
-def buffer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The correction biases of `model` (replicated, so no gathering), for a saved state."""
-    buffers = dict(model.named_buffers())
-    return {name: buffers[name].detach().cpu().float() for name in buffer_names(model)}

@@ -109,14 +109,19 @@ def run_experts(
 
 
 class Router(nn.Module):
-    """The replicated gate: `weight` (E, h), computed in fp32, and V3's `e_score_correction_bias`."""
+    """The replicated gate: `weight` (E, h), computed in fp32, and V3's `e_score_correction_bias`.
+
+    The bias is a frozen parameter (requires_grad=False, starts at zero), not a buffer, so that
+    checkpoints, re-sharding and export carry it like every weight; no optimizer sees it, only
+    `update_router_bias` moves it."""
 
     def __init__(self, config: MLAConfig) -> None:
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
         if config.topk_method == "noaux_tc":
-            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+            bias = torch.zeros(config.n_routed_experts)
+            self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
         else:
             self.e_score_correction_bias = None
 
@@ -129,7 +134,9 @@ class MoE(nn.Module):
     """A DeepSeekMoE layer: `gate` (router), `experts.{j}`, `shared_experts` (Hugging Face names).
 
     After each forward: `aux_loss` (the weighted sequence-level loss, training with aux_loss_alpha > 0,
-    else None); `tokens_per_expert` accumulates (token, expert) counts until `reset_statistics`.
+    else None). Training forwards accumulate (token, expert) counts in `tokens_per_expert` and the aux
+    loss in `aux_loss_sum` / `forwards` until `reset_statistics` (logging), and in `step_load` until
+    `update_router_bias` (each step).
     """
 
     def __init__(self, config: MLAConfig, group=None) -> None:
@@ -141,7 +148,13 @@ class MoE(nn.Module):
         shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config, group, width * shared) if shared else None
         self.aux_loss: torch.Tensor | None = None
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        for name, size in (
+            ("tokens_per_expert", config.n_routed_experts),
+            ("step_load", config.n_routed_experts),
+        ):
+            self.register_buffer(name, torch.zeros(size), persistent=False)
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("forwards", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -193,33 +206,46 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def routing_statistics(model, group: dist.ProcessGroup | None = None, reset: bool = True) -> dict[str, float]:
-    """Tokens per expert summed over `group` (data parallel), as {"moe_load_imbalance": max/mean over
-    experts and layers (worst layer), "moe_tokens_per_expert": the per-layer counts}. Collective."""
+def routing_statistics(model, dp_group=None, pp_group=None) -> dict:
+    """The routing record since the last call, then reset: `moe_tokens_per_expert` {layer: counts summed
+    over the data-parallel ranks}, `moe_load_imbalance` (max/mean tokens per expert, worst layer) and
+    `moe_aux_loss` (mean over forwards, summed over layers; with aux_loss_alpha > 0). Every pipeline
+    stage's layers when `pp_group` is given. Collective over both groups ({} for a dense model)."""
     layers = moe_layers(model)
-    if not layers:
-        return {}
-    counts = torch.stack([m.tokens_per_expert for _, m in layers])
-    if group_size(group) > 1:
-        dist.all_reduce(counts, group=group)
-    imbalance = (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-12)).max()
-    if reset:
+    record: dict = {}
+    if layers:
+        counts = torch.stack([m.tokens_per_expert for _, m in layers])
+        aux = torch.stack([torch.stack([m.aux_loss_sum, m.forwards]) for _, m in layers])
+        if group_size(dp_group) > 1:
+            dist.all_reduce(counts, group=dp_group)
+            dist.all_reduce(aux, group=dp_group)
+        record = {"counts": {name: c.long().tolist() for (name, _), c in zip(layers, counts, strict=True)}}
+        record["aux"] = [(float(s), float(n)) for s, n in aux.tolist()]
         for _, m in layers:
             m.reset_statistics()
-    return {
-        "moe_load_imbalance": float(imbalance),
-        "moe_tokens_per_expert": {
-            name: c.long().tolist() for (name, _), c in zip(layers, counts, strict=True)
-        },
-    }
+    parts = [record]
+    if group_size(pp_group) > 1:
+        parts = [None] * group_size(pp_group)
+        dist.all_gather_object(parts, record, group=pp_group)
+    counts = {name: c for part in parts if part for name, c in part["counts"].items()}
+    if not counts:
+        return {}
+    imbalance = max(max(c) / max(sum(c) / len(c), 1e-12) for c in counts.values())
+    out = {"moe_load_imbalance": imbalance, "moe_tokens_per_expert": counts}
+    aux = [pair for part in parts if part for pair in part["aux"] if pair[1]]
+    if aux:
+        out["moe_aux_loss"] = sum(total / n for total, n in aux)
+    return out
 
 
 @torch.no_grad()
 def update_router_bias(model, rate: float, group: dist.ProcessGroup | None = None) -> None:
-    """V3's aux-loss-free balancing: b_i += rate * sign(mean load - load_i), load summed over `group`
-    since the last reset (so every replica makes the same update). Collective when group has > 1 rank."""
+    """V3's aux-loss-free balancing: b_i += rate * sign(mean load - load_i), the load of the training
+    forwards since the last update summed over `group` (so every replica makes the same update), then
+    reset. Collective when group has > 1 rank."""
     for _, layer in moe_layers(model):
-        load = layer.tokens_per_expert.clone()
+        load = layer.step_load.clone()
+        layer.step_load.zero_()
         if group_size(group) > 1:
             dist.all_reduce(load, group=group)
         bias = layer.gate.e_score_correction_bias

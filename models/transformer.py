@@ -226,6 +226,8 @@ class MLATransformer(nn.Module):
                 full_shape[dim] = param.tp_full_size
             if name.endswith("norm.weight"):
                 full = torch.ones(full_shape)
+            elif name.endswith("e_score_correction_bias"):  # MoE routing bias: starts neutral
+                full = torch.zeros(full_shape)
             else:
                 generator = torch.Generator().manual_seed(
                     (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
