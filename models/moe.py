@@ -148,11 +148,8 @@ class MoE(nn.Module):
         shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config, group, width * shared) if shared else None
         self.aux_loss: torch.Tensor | None = None
-        for name, size in (
-            ("tokens_per_expert", config.n_routed_experts),
-            ("step_load", config.n_routed_experts),
-        ):
-            self.register_buffer(name, torch.zeros(size), persistent=False)
+        for name in ("tokens_per_expert", "step_load"):
+            self.register_buffer(name, torch.zeros(config.n_routed_experts), persistent=False)
         self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("forwards", torch.zeros(()), persistent=False)
 
@@ -164,17 +161,27 @@ class MoE(nn.Module):
         y = y.view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        with torch.no_grad():
-            counts = torch.bincount(routing.indices.reshape(-1), minlength=self.config.n_routed_experts)
-            self.tokens_per_expert += counts.to(self.tokens_per_expert)
         alpha = self.config.aux_loss_alpha
-        self.aux_loss = (
-            alpha * sequence_aux_loss(routing, shape[0], self.config) if alpha and self.training else None
-        )
+        self.aux_loss = None
+        if alpha and self.training:
+            self.aux_loss = alpha * sequence_aux_loss(routing, shape[0], self.config)
+        # Count training forwards once: not the recomputation of a checkpointed layer (run in backward).
+        if self.training and torch._C._current_graph_task_id() == -1:
+            self._count(routing)
         return y
 
+    @torch.no_grad()
+    def _count(self, routing: Routing) -> None:
+        counts = torch.bincount(routing.indices.reshape(-1), minlength=self.config.n_routed_experts)
+        self.tokens_per_expert += counts.to(self.tokens_per_expert)
+        self.step_load += counts.to(self.step_load)
+        if self.aux_loss is not None:
+            self.aux_loss_sum += self.aux_loss.detach().float()
+            self.forwards += 1
+
     def reset_statistics(self) -> None:
-        self.tokens_per_expert.zero_()
+        for buffer in (self.tokens_per_expert, self.aux_loss_sum, self.forwards):
+            buffer.zero_()
 
 
 def sequence_aux_loss(routing: Routing, batch: int, config: MLAConfig) -> torch.Tensor:

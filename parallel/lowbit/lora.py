@@ -275,10 +275,27 @@ class LoraSettings:
 
 
 def target_matches(name: str, targets: Sequence[str] | str) -> bool:
-    """PEFT's rule: a string is a regex over the whole name; a list matches names equal or ending in .t"""
+    """PEFT's rule: a string is a regex over the whole name; a list matches names equal or ending in .t,
+    where `*` in t stands for one name component (`experts.*.gate_proj`: every routed expert's)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return any(re.fullmatch(_suffix_pattern(t), name) is not None for t in targets)
+
+
+def _suffix_pattern(target: str) -> str:
+    """The regex of names equal to or ending in `.target`, `*` matching one component."""
+    body = r"[^.]+".join(re.escape(part) for part in target.split("*"))
+    return rf"(?:.*\.)?{body}"
+
+
+def peft_target_modules(targets: Sequence[str] | str) -> list[str] | str:
+    """`target_modules` for adapter_config.json: the list as given, or one equivalent regex when a target
+    holds `*` (PEFT does not expand it in a list)."""
+    if isinstance(targets, str):
+        return targets
+    if not any("*" in t for t in targets):
+        return sorted(targets)
+    return "|".join(f"(?:{_suffix_pattern(t)})" for t in sorted(targets))
 
 
 def lora_modules(model: ModelLike) -> dict[str, LoRALinear]:

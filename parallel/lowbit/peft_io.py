@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from parallel.collectives import group_rank, group_size
-from parallel.lowbit.lora import LoraSettings, apply_lora, lora_modules
+from parallel.lowbit.lora import LoraSettings, apply_lora, lora_modules, peft_target_modules
 from parallel.pipeline import ModelParts
 from parallel.tensor import full_tensor, shard_tensor, tp_dim
 
@@ -58,7 +58,7 @@ def adapter_config(settings: LoraSettings) -> dict:
         "r": settings.r,
         "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "lora_dropout": settings.dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "target_modules": peft_target_modules(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
