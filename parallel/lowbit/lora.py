@@ -43,7 +43,6 @@ file format (PEFT's) is in parallel.lowbit.peft_io; `save_adapter` and `load_ada
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import _all_reduce, copy_to_group, group_rank, group_size
+from parallel.lowbit.lora_targets import target_matches
 from parallel.lowbit.nf4_linear import NF4Linear, compute_dtype
 from parallel.pipeline import ModelParts
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_sharded, shard_tensor
@@ -272,30 +272,6 @@ class LoraSettings:
     alpha: float
     dropout: float
     quantize_base: str | None
-
-
-def target_matches(name: str, targets: Sequence[str] | str) -> bool:
-    """PEFT's rule: a string is a regex over the whole name; a list matches names equal or ending in .t,
-    where `*` in t stands for one name component (`experts.*.gate_proj`: every routed expert's)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(re.fullmatch(_suffix_pattern(t), name) is not None for t in targets)
-
-
-def _suffix_pattern(target: str) -> str:
-    """The regex of names equal to or ending in `.target`, `*` matching one component."""
-    body = r"[^.]+".join(re.escape(part) for part in target.split("*"))
-    return rf"(?:.*\.)?{body}"
-
-
-def peft_target_modules(targets: Sequence[str] | str) -> list[str] | str:
-    """`target_modules` for adapter_config.json: the list as given, or one equivalent regex when a target
-    holds `*` (PEFT does not expand it in a list)."""
-    if isinstance(targets, str):
-        return targets
-    if not any("*" in t for t in targets):
-        return sorted(targets)
-    return "|".join(f"(?:{_suffix_pattern(t)})" for t in sorted(targets))
 
 
 def lora_modules(model: ModelLike) -> dict[str, LoRALinear]:

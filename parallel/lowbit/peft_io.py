@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from parallel.collectives import group_rank, group_size
-from parallel.lowbit.lora import LoraSettings, apply_lora, lora_modules, peft_target_modules
+from parallel.lowbit.lora import LoraSettings, apply_lora, lora_modules
+from parallel.lowbit.lora_targets import peft_target_modules
 from parallel.pipeline import ModelParts
 from parallel.tensor import full_tensor, shard_tensor, tp_dim
 
