@@ -7,7 +7,7 @@
 Step 1 (only without --pretrained, in one process) makes a stand-in for a downloaded checkpoint: a tiny MLA
 model trained briefly on the start of the built-in corpus (the Python standard library), exported with
 `models.deepseek.save_pretrained` as a Hugging Face DeepSeek-V3 folder (config.json + model.safetensors)
-with its tokenizer.json beside it. Any all-dense DeepSeek-V2/V3 folder works the same way.
+with its tokenizer.json beside it. Any DeepSeek-V2/V3 folder (dense or MoE) works the same way.
 
 Step 2 fine-tunes it on another text (the standard library's `email` package) and is exactly the command
 
