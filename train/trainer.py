@@ -223,7 +223,8 @@ class Trainer:
         entry["tflops_per_device"] = tflops
         if self.peak_tflops:
             entry["mfu"] = tflops / self.peak_tflops
-        entry.update(routing_statistics(self.parts.chunks, topo.dp_group, topo.pp_group))
+        if self.mcfg.is_moe:
+            entry.update(routing_statistics(self.parts.chunks, topo.dp_group, topo.pp_group))
         entry.update(self.monitor.sample())
         if self.recovery.retries:
             entry["micro_batch_size"], entry["oom_retries"] = self.runner.mbs, self.recovery.retries
