@@ -126,7 +126,8 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32 under bf16/fp16 autocast too
+            logits = F.linear(x.float(), self.weight.float())
         return route(logits, self.config, self.e_score_correction_bias)
 
 

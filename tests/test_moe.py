@@ -155,3 +155,21 @@ def test_lora_targets_with_a_star_name_one_component_and_stay_peft_loadable():
     for name, selected in names.items():
         assert target_matches(name, targets) == selected == (re.fullmatch(pattern, name) is not None), name
     assert peft_target_modules(["o_proj", "q_proj"]) == ["o_proj", "q_proj"]
+
+
+def test_routing_statistics_record_loads_imbalance_and_aux_loss():
+    from models.moe import routing_statistics
+
+    torch.manual_seed(3)
+    model = MLATransformer(MLAConfig(**SMALL, **MOE)).train()
+    ids = torch.randint(0, 96, (2, 12))
+    model.loss(ids, ids)
+    aux = model.model.layers["1"].mlp.aux_loss.item()
+    record = routing_statistics(model)
+    counts = record["moe_tokens_per_expert"]["model.layers.1.mlp"]
+    assert sum(counts) == 2 * 12 * 3 and record["moe_load_imbalance"] == max(counts) / (sum(counts) / 8)
+    assert record["moe_aux_loss"] == pytest.approx(aux)
+    model.eval()(ids)  # evaluation is not counted
+    assert routing_statistics(model)["moe_tokens_per_expert"]["model.layers.1.mlp"] == [0] * 8
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the router stays fp32 under autocast
+        assert model.model.layers["1"].mlp.gate(torch.randn(4, 32)).scores.dtype == torch.float32
