@@ -314,6 +314,14 @@ def generate(r: dict) -> list[dict]:
     return rows
 
 
+def moe(r: dict) -> list[dict]:
+    """MoE layer step time over a dense MLP of the same active FLOPs, per case (no goal stated)."""
+    return [
+        headline(f"MoE / dense MLP step time, {get(x, 'case')}", num(x, "moe_over_dense"))
+        for x in items(r, "cases") or [{}]
+    ]
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_data_parallel": data_parallel,
     "bench_tensor_parallel": tensor_parallel,
@@ -322,6 +330,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_adam8bit": adam8bit,
     "bench_qlora": qlora,
     "bench_generate": generate,
+    "bench_moe": moe,
 }
 
 

@@ -7,7 +7,7 @@
 Step 1 (only without --pretrained, in one process) makes a stand-in for a downloaded checkpoint: a tiny MLA
 model trained briefly on the start of the built-in corpus (the Python standard library); the run's
 `final/` is already a Hugging Face DeepSeek-V3 folder (config.json, model.safetensors, tokenizer files).
-Any all-dense DeepSeek-V2/V3 folder works the same way.
+Any DeepSeek-V2/V3 folder (dense or MoE) works the same way.
 
 Step 2 fine-tunes it on another text (the standard library's `email` package) and is exactly the command
 

@@ -13,7 +13,8 @@ care in one place:
   2i+1 <- row i + d/2. We always save the interleaved layout (and say so in config.json).
 
 Loading under tensor parallelism reads only this rank's rows or columns of each sharded tensor
-(`safe_open(...).get_slice`), zero-padded like `shard_tensor`. Mixture-of-experts layers are rejected.
+(`safe_open(...).get_slice`), zero-padded like `shard_tensor`. Mixture-of-experts weights carry their
+published names (`models.deepseek_moe`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-MOE_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(experts|gate|shared_experts)\.")
 IGNORED_WEIGHT = re.compile(r".*rotary_emb\.inv_freq$")
 
 
@@ -133,7 +133,7 @@ def load_pretrained(
     With `stage` (pipeline parallelism) only that stage's layers (and embedding / head) are built and
     read; under tensor parallelism each rank reads only its own slices of the sharded tensors. Weights
     may be stored in any floating dtype; they are converted to fp32. Missing or unexpected tensors, wrong
-    shapes and mixture-of-experts weights are errors naming the tensor (the MTP layers past
+    shapes are errors naming the tensor (the MTP layers past
     `num_hidden_layers` of DeepSeek-V3 releases are ignored, as transformers does).
     """
     path = Path(path)
@@ -142,13 +142,6 @@ def load_pretrained(
     )
     reader = _CheckpointReader(path)
     names = reader.names()
-    for name in names:
-        match = MOE_WEIGHT.match(name)
-        if match:
-            raise ValueError(
-                f"{path}: layer {match.group(1)} has mixture-of-experts weights ({name}); only dense layers "
-                f"are supported"
-            )
     with torch.device("meta"):  # every name of the whole model, without allocating it
         known = {name for name, _ in MLATransformer(config).named_parameters()}
     missing = sorted(known - set(names))

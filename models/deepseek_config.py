@@ -10,8 +10,9 @@
   mscale(f, m) = 0.1 m ln f + 1. Our RoPE uses mscale(f, mscale) / mscale(f, mscale_all_dim) with
   defaults 1 and 0 (DeepSeek's own code), so `mscale` is chosen at load to give transformers' factor.
   The softmax scale is (d_nope + d_rope)^-0.5 * mscale(f, mscale_all_dim)^2 in both.
-- **Rejected**, with an error naming the file and key: another model type, mixture-of-experts layers,
-  biases, grouped KV heads, an activation other than SiLU, a RoPE type other than default or YaRN.
+- **Mixture of experts**: the MoE keys are read and written by `models.deepseek_moe`.
+- **Rejected**, with an error naming the file and key: another model type, biases, grouped KV heads, an
+  activation other than SiLU, a RoPE type other than default or YaRN.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import MLAConfig
+from models.deepseek_moe import moe_config_from_hf, moe_config_to_hf
 from models.mla import yarn_mscale
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -48,8 +50,6 @@ OPTIONAL = {
     "initializer_range": ("init_std", 0.02),
     "attention_dropout": ("dropout", 0.0),
 }
-# transformers' default `first_k_dense_replace` per model type, when config.json leaves it out.
-FIRST_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}
 
 
 def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
@@ -102,21 +102,10 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
     return theta, scaling
 
 
-def _moe_layers(hf: dict[str, Any]) -> list[int]:
-    """Indices of the layers DeepSeek makes mixture-of-experts (none when n_routed_experts is unset)."""
-    if not hf.get("n_routed_experts"):
-        return []
-    first_dense = hf.get("first_k_dense_replace")
-    if first_dense is None:
-        first_dense = FIRST_DENSE_DEFAULT[hf["model_type"]]
-    every = int(hf.get("moe_layer_freq") or 1)
-    return [i for i in range(int(hf["num_hidden_layers"])) if i >= first_dense and i % every == 0]
-
-
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> tuple[MLAConfig, bool]:
     """The `MLAConfig` of a DeepSeek-V2/V3 `config.json`, and whether its rope rows are interleaved.
 
-    Errors name the file and the key: another model type, MoE layers, biases, grouped KV heads, an
+    Errors name the file and the key: another model type, biases, grouped KV heads, an
     activation other than SiLU, a RoPE type other than default or YaRN.
     """
     model_type = hf.get("model_type")
@@ -125,13 +114,6 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> tuple[MLAC
     missing = [key for key in REQUIRED if key not in hf]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
-    moe = _moe_layers(hf)
-    if moe:
-        raise ValueError(
-            f"{where}: layer {moe[0]} is a mixture-of-experts layer (n_routed_experts="
-            f"{hf['n_routed_experts']}, first_k_dense_replace={hf.get('first_k_dense_replace')}); only dense "
-            f"layers are supported (first_k_dense_replace >= num_hidden_layers={hf['num_hidden_layers']})"
-        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act={hf['hidden_act']!r}: only 'silu' is supported")
     for key in ("attention_bias", "mlp_bias"):
@@ -148,6 +130,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> tuple[MLAC
         fields[ours] = default if hf.get(key) is None else hf[key]
     fields["dropout"] = float(fields["dropout"])
     fields["rope_theta"], fields["rope_scaling"] = _rope_from_hf(hf, where)
+    fields.update(moe_config_from_hf(hf, where))
     if float(fields["rms_norm_eps"]) != 1e-6:
         warnings.warn(
             f"{where}: rms_norm_eps={fields['rms_norm_eps']}: transformers' DeepSeek normalises the query "
@@ -166,8 +149,9 @@ def read_config(path: str | Path) -> MLAConfig:
 
 
 def config_to_hf(config: MLAConfig, dtype: str = "float32") -> dict[str, Any]:
-    """A `config.json` for transformers' `DeepseekV3ForCausalLM` (4.x and 5.x keys), every layer dense;
-    `dtype` names the weights' dtype (`torch_dtype` in 4.x, `dtype` in 5.x)."""
+    """A `config.json` for transformers' `DeepseekV3ForCausalLM` (4.x and 5.x keys), or
+    `DeepseekV2ForCausalLM` for softmax-routed MoE (see `models.deepseek_moe`); `dtype` names the
+    weights' dtype (`torch_dtype` in 4.x, `dtype` in 5.x)."""
     hf: dict[str, Any] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -196,6 +180,7 @@ def config_to_hf(config: MLAConfig, dtype: str = "float32") -> dict[str, Any]:
         "dtype": dtype,
         "rope_theta": config.rope_theta,
     }
+    hf.update(moe_config_to_hf(config))
     scaling = config.rope_scaling
     if scaling is None:
         hf["rope_scaling"] = None

@@ -48,6 +48,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
 from models.mla import LayerCache, MultiHeadLatentAttention, RMSNorm
+from models.mlp import MLP
+from models.moe import MoE, aux_loss
 from parallel.collectives import (
     copy_to_group,
     gather_from_group,
@@ -58,7 +60,6 @@ from parallel.collectives import (
 from parallel.tensor import (
     SEQUENCE_DIM,
     ColumnParallelLinear,
-    RowParallelLinear,
     VocabParallelEmbedding,
     shard_size,
     shard_tensor,
@@ -70,37 +71,13 @@ from parallel.topology import Topology
 RECOMPUTE_MODES = ("none", "full", "selective")
 
 
-class MLP(nn.Module):
-    """SwiGLU MLP; the gate and up projections share one backward all-reduce of their input gradient."""
-
-    def __init__(self, config: MLAConfig, group=None) -> None:
-        super().__init__()
-        h, inter = config.hidden_size, config.intermediate_size
-        self.group = group
-        self.gate_proj = ColumnParallelLinear(h, inter, group=group, reduce_input_grad=False)
-        self.up_proj = ColumnParallelLinear(h, inter, group=group, reduce_input_grad=False)
-        self.down_proj = RowParallelLinear(inter, h, group=group)
-        if self.gate_proj.local_out * self.gate_proj.tp_size != inter:
-            raise ValueError(
-                f"model.intermediate_size={inter} is not divisible by tp={self.gate_proj.tp_size}"
-            )
-        self.sequence_parallel = False  # input split along the sequence (down_proj then reduce-scatters)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel(x, SEQUENCE_DIM, self.group)
-        else:
-            x = copy_to_group(x, self.group)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config: MLAConfig, group=None) -> None:
+    def __init__(self, config: MLAConfig, group=None, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MultiHeadLatentAttention(config, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, group)
+        self.mlp = MoE(config, group) if config.is_moe_layer(index) else MLP(config, group)
         self.dropout = nn.Dropout(config.dropout)
         self.group = group
         self.sequence_parallel = False  # x arrives split along the sequence (see the module docstring)
@@ -177,7 +154,7 @@ class MLABackbone(nn.Module):
         if stage.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, group) for i in range(stage.layer_start, stage.layer_end)}
+            {str(i): DecoderLayer(config, group, i) for i in range(stage.layer_start, stage.layer_end)}
         )
         if stage.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -249,6 +226,8 @@ class MLATransformer(nn.Module):
                 full_shape[dim] = param.tp_full_size
             if name.endswith("norm.weight"):
                 full = torch.ones(full_shape)
+            elif name.endswith("e_score_correction_bias"):  # MoE routing bias: starts neutral
+                full = torch.zeros(full_shape)
             else:
                 generator = torch.Generator().manual_seed(
                     (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
@@ -284,8 +263,14 @@ class MLATransformer(nn.Module):
         if self.stage.is_first:
             backbone.embed_tokens.sequence_parallel = active
         for layer in backbone.layers.values():
-            layer.sequence_parallel = layer.mlp.sequence_parallel = active
-            layer.self_attn.o_proj.sequence_parallel = layer.mlp.down_proj.sequence_parallel = active
+            if isinstance(layer.mlp, MoE):
+                if active:
+                    raise ValueError(
+                        "distributed.sequence_parallel=true is not supported with mixture-of-experts layers"
+                    )
+            else:
+                layer.mlp.sequence_parallel = layer.mlp.down_proj.sequence_parallel = active
+            layer.sequence_parallel = layer.self_attn.o_proj.sequence_parallel = active
             layer.input_layernorm.sequence_parallel_group = group
             layer.post_attention_layernorm.sequence_parallel_group = group
         if self.stage.is_last:
@@ -330,7 +315,10 @@ class MLATransformer(nn.Module):
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored.
-        (Last stage only; `inputs` as for `forward`.)"""
+        (Last stage only; `inputs` as for `forward`.) Plus the MoE layers' auxiliary balance loss when
+        training with `aux_loss_alpha` > 0 (whole model on one stage only)."""
         if not self.stage.is_last:
             raise RuntimeError("loss() is only defined on the last pipeline stage")
-        return vocab_parallel_cross_entropy(self(inputs), targets, self.group, reduction=reduction)
+        loss = vocab_parallel_cross_entropy(self(inputs), targets, self.group, reduction=reduction)
+        balance = aux_loss(self)  # MoE balance loss of this forward (training with aux_loss_alpha > 0)
+        return loss if balance is None else loss + balance

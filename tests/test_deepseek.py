@@ -149,17 +149,15 @@ def _hf_config(**overrides) -> dict:
     return hf
 
 
-def test_mixture_of_experts_layers_are_rejected_naming_the_layer(tmp_path):
-    with pytest.raises(ValueError, match=r"layer 1 is a mixture-of-experts layer"):
-        config_from_hf(_hf_config(first_k_dense_replace=1, n_routed_experts=8))
-    config_from_hf(_hf_config(first_k_dense_replace=1, n_routed_experts=None))  # no experts: dense
-
+def test_expert_weights_of_a_dense_config_are_unexpected_tensors(tmp_path):
     shutil.copytree(FIXTURES / "deepseek_v3_q_lora", tmp_path / "moe")
     weights = load_file(tmp_path / "moe" / "model.safetensors")
     weights["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(4, 32)
     save_file(weights, str(tmp_path / "moe" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"layer 0 has mixture-of-experts weights"):
+    with pytest.raises(ValueError, match=r"unexpected tensors.*layers\.0\.mlp\.experts\.0\.gate_proj"):
         load_pretrained(tmp_path / "moe")
+    config, _ = config_from_hf(_hf_config(first_k_dense_replace=1, n_routed_experts=None))
+    assert not config.is_moe  # no experts: dense
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):

@@ -42,3 +42,20 @@ def test_formula_matches_torch_flop_counter():
     counted = counter.get_total_flops() / ids.numel()
     # The counter sees every matmul and attention call of forward and backward: exact agreement.
     assert counted == flops_per_token(config, 16)
+
+
+def test_moe_counts_only_the_active_experts_as_torch_flop_counter_sees_them():
+    config = MLAConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, max_seq_len=16,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        first_k_dense_replace=1,
+    )  # fmt: skip
+    model = MLATransformer(config)
+    ids = torch.randint(0, 64, (2, 16))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(ids, ids).backward()
+    # Dropless routing: each token meets exactly k routed experts (+ router and shared expert): exact.
+    assert counter.get_total_flops() / ids.numel() == flops_per_token(config, 16)
+    assert matmul_parameters(config) < config.num_parameters()  # 6 of 8 experts idle per token

@@ -44,6 +44,15 @@ MODEL = dict(
     intermediate_size=96,
     max_seq_len=32,
 )
+MOE = [
+    "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2",
+    "model.moe_intermediate_size=32",
+    "model.n_shared_experts=1",
+    "model.first_k_dense_replace=1",
+    "model.scoring_func=sigmoid",
+    "model.topk_method=noaux_tc",
+]
 QLORA = ["lora.enabled=true", "lora.quantize_base=nf4", "lora.targets=[q_a_proj,q_b_proj,o_proj,gate_proj]"]
 
 
@@ -133,8 +142,24 @@ class _single:
         ["train.precision=bf16", "optim.name=adamw8bit"],
         ["train.precision=bf16", *QLORA],
         ["lora.enabled=true", "lora.r=4"],
+        [
+            *MOE,
+            "train.precision=bf16",
+            "lora.enabled=true",
+            "lora.quantize_base=nf4",
+            "lora.targets=[experts.*.up_proj]",
+        ],
+        [*MOE, "optim.name=adamw8bit"],
     ],
-    ids=["fp32-adamw", "fp32-adamw8bit", "bf16-zero0-adamw8bit", "bf16-qlora", "fp32-lora"],
+    ids=[
+        "fp32-adamw",
+        "fp32-adamw8bit",
+        "bf16-zero0-adamw8bit",
+        "bf16-qlora",
+        "fp32-lora",
+        "moe-qlora",
+        "moe",
+    ],
 )
 def test_model_state_estimate_equals_live_bytes_in_one_process(overrides):
     live, estimate = _measure(overrides, (1, 1, 1))

@@ -126,6 +126,7 @@ SYNTHETIC = {
         "cache": [{"model": "README default (examples/train_mla.py)", "ratio": 4.0}],
         "speed": {"new_tokens": 64, "modes": {"latent cache": {"speedup_vs_no_cache": 3.0}}},
     },
+    "bench_moe": {"cases": [{"case": "8 experts, k 2", "moe_over_dense": 1.5}]},
 }
 
 
@@ -183,6 +184,7 @@ def test_headlines_from_synthetic_json():
         "absorbed speed-up over no cache, 64 tokens": "n/a",
         "KV cache bytes MHA / MLA, README default": 4.0,
     }
+    assert values(rows["bench_moe"]) == {"MoE / dense MLP step time, 8 experts, k 2": 1.5}
 
 
 @pytest.mark.parametrize("data", [{}, {"variants": "x", "runs": [1, None], "rows": {}, "memory": [[]]}, []])

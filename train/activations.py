@@ -56,6 +56,10 @@ def layer_activation_bytes(mcfg: MLAConfig, config: Config, attention: str = "ef
     else:
         core = (e * H * (2 * c.qk_head_dim + c.v_head_dim) + 4 * H) / T
     mlp = 4 * e * c.intermediate_size / T
+    if c.is_moe:  # the larger of a dense and an MoE layer's (every layer is counted alike)
+        width = c.moe_intermediate_size * (c.num_experts_per_tok + (c.n_shared_experts or 0))
+        routed = 2 * e * h * c.num_experts_per_tok + 4 * 2 * c.n_routed_experts  # gathered x, outputs; scores
+        mlp = max(mlp, 4 * e * width / T + routed)
     dropout = 2 * h / S if c.dropout > 0 else 0
     return {
         "residual": residual,

@@ -53,6 +53,35 @@ MODEL_KEYS: dict[str, tuple[str | None, str]] = {
     "tie_embeddings": (None, "Share the embedding with the LM head (not with pp > 1 or ZeRO-3)."),
     "dropout": (None, "Attention and residual dropout probability; in [0, 1)."),
     "init_std": (None, "Standard deviation of the normal initialisation."),
+    "n_routed_experts": (
+        None,
+        "Routed experts per MoE layer (DeepSeekMoE); null or 0: every layer a dense MLP, as before.",
+    ),
+    "num_experts_per_tok": (None, "Routed experts chosen per token (top-k); required with experts."),
+    "n_shared_experts": (None, "Always-on experts, fused into one MLP of n x `moe_intermediate_size`."),
+    "moe_intermediate_size": (None, "Width of each expert's SwiGLU MLP; divisible by `distributed.tp`."),
+    "first_k_dense_replace": (None, "The first k layers stay dense MLPs."),
+    "moe_layer_freq": (None, "Layer i >= first_k_dense_replace is MoE when i % moe_layer_freq == 0."),
+    "scoring_func": (None, "Router scores: `softmax` (DeepSeek-V2) or `sigmoid` (V3)."),
+    "topk_method": (
+        None,
+        "`greedy`, `group_limited_greedy` (V2: best experts of the best `topk_group` groups) or `noaux_tc` "
+        "(V3: groups scored by their best two, selection through `e_score_correction_bias`).",
+    ),
+    "n_group": (None, "Expert groups for group-limited routing (null: one group)."),
+    "topk_group": (None, "Groups kept per token for group-limited routing."),
+    "norm_topk_prob": (None, "Normalise the chosen experts' weights to sum 1 (before the scaling)."),
+    "routed_scaling_factor": (None, "Factor applied to the routed experts' weights."),
+    "aux_loss_alpha": (
+        None,
+        "Weight of the sequence-level balance loss added to the training loss (0: none; pp = 1 only). "
+        "Not read from a pretrained folder.",
+    ),
+    "router_bias_update_rate": (
+        None,
+        "V3 aux-loss-free balancing: after each step the correction bias moves by this rate towards "
+        "the under-loaded experts (0: frozen; `noaux_tc` only). Not read from a pretrained folder.",
+    ),
     "pretrained": (
         None,
         "A Hugging Face DeepSeek-V2/V3 folder to start from; its `config.json` defines the model (any "

@@ -9,6 +9,9 @@ Training FLOPs per token (forward + backward = 3 x forward, PaLM's convention, n
                                             the weighted sum AV (d_v per head), T = sequence length,
                                             counted over all T keys as PaLM and Megatron do
 
+Mixture of experts: only the active parameters count, i.e. per MoE layer the router, the shared experts
+and `num_experts_per_tok` routed experts (`MLAConfig.mlp_parameters(i, active_only=True)`), not all of them.
+
 MFU = (tokens/s x FLOPs per token) / (number of devices x peak FLOP/s of one device).
 """
 
@@ -18,7 +21,8 @@ from models.config import MLAConfig
 
 
 def matmul_parameters(config: MLAConfig) -> int:
-    """Parameters that take part in a matmul per token: everything but norms and the embedding lookup."""
+    """Parameters that take part in a matmul per token: everything but norms and the embedding lookup
+    (MoE layers: the router, the shared experts and the chosen routed experts only)."""
     h, H = config.hidden_size, config.num_heads
     if config.q_lora_rank is None:
         q = h * H * config.qk_head_dim
@@ -28,9 +32,9 @@ def matmul_parameters(config: MLAConfig) -> int:
         config.qk_nope_head_dim + config.v_head_dim
     )
     o = H * config.v_head_dim * h
-    mlp = 3 * h * config.intermediate_size
+    mlps = sum(config.mlp_parameters(i, active_only=True) for i in range(config.num_layers))
     head = config.vocab_size * h
-    return config.num_layers * (q + kv + o + mlp) + head
+    return config.num_layers * (q + kv + o) + mlps + head
 
 
 def attention_flops_per_token(config: MLAConfig, seq_len: int) -> int:

@@ -4,7 +4,8 @@ all read a config through this module, so they agree on every number and refuse 
 
 - Model config: `MLAConfig` defaults, the vocabulary size (the tokenizer's in a run, `data.vocab_size`
   when planning), then the user's `model` keys; or, with `model.pretrained`, the folder's own config,
-  which the user's keys must agree with.
+  which the user's keys must agree with (except the training-only MoE keys `aux_loss_alpha` and
+  `router_bias_update_rate`, which a folder does not carry).
 - Batch split: the global batch of B sequences is cut into dp equal slices of B / dp rows, and each
   slice into m micro-batches of b rows, b m = B / dp, from `train.micro_batch_size` or
   `distributed.num_microbatches` (they must agree when both are set).
@@ -34,6 +35,9 @@ from train.config import Config, ConfigError
 if TYPE_CHECKING:
     from train.data import Dataset
 
+# model keys a run may set over a pretrained folder's config: how to train, not what the model computes
+TRAINING_ONLY_KEYS = ("aux_loss_alpha", "router_bias_update_rate")
+
 
 def model_config(config: Config, vocab_size: int) -> MLAConfig:
     """The model a run of `config` builds; `vocab_size` fills `model.vocab_size` when it is left open."""
@@ -48,11 +52,14 @@ def model_config(config: Config, vocab_size: int) -> MLAConfig:
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.pretrained={pretrained!r}: {error}") from None
         for key, value in fields.items():
-            if getattr(mcfg, key) != value:
+            if getattr(mcfg, key) != value and key not in TRAINING_ONLY_KEYS:
                 theirs = getattr(mcfg, key)
                 raise ConfigError(
                     f"model.{key}={value!r}: the pretrained model {pretrained} has {key}={theirs!r}"
                 )
+    if mcfg.is_moe:
+        changed = {k: fields[k] for k in TRAINING_ONLY_KEYS if k in fields and pretrained is not None}
+        mcfg = replace(mcfg, **changed) if changed else mcfg
     if config.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len}: exceeds model.max_seq_len={mcfg.max_seq_len}")
     return mcfg
@@ -84,6 +91,16 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
         return (
             f"model.tie_embeddings=true with distributed.pp={dc.pp}: tied embeddings are not supported with "
             "pipeline parallelism (pp > 1)"
+        )
+    if mcfg.is_moe and dc.sequence_parallel and (dc.tp or 1) > 1:
+        return (
+            "distributed.sequence_parallel=true with mixture-of-experts layers (model.n_routed_experts="
+            f"{mcfg.n_routed_experts}) is not supported yet: the router would see a slice of the sequence"
+        )
+    if mcfg.is_moe and mcfg.aux_loss_alpha and dc.pp > 1:
+        return (
+            f"model.aux_loss_alpha={mcfg.aux_loss_alpha} with distributed.pp={dc.pp}: the balance loss is "
+            "added on the last stage only, so it needs pp = 1 (or aux_loss_alpha 0 / router_bias_update_rate)"
         )
     if dc.sequence_parallel and config.data.seq_len % (dc.tp or 1):
         return (

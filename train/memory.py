@@ -16,7 +16,8 @@ parameter bytes (2 for bf16/fp16, 4 for fp32):
     optimizer state     AdamW: 8 bytes per element it updates (P, or P / N under ZeroOptimizer);
                         AdamW8bit: 2 + 8/256 bytes per element of tensors >= 4096 elements, 8 below;
                         plus a 4-byte step per tensor (and AdamW8bit's 0.66 MB of code tables)
-    buffers             RoPE cos/sin tables, max_seq_len x d_rope x w per layer
+    buffers             RoPE cos/sin tables, max_seq_len x d_rope x w per layer; MoE layers: routing
+                        statistics, (2 E + 2) w per layer
 
 ZeroOptimizer state is per bucket (about `bucket_cap_mb`, each padded to a multiple of N, times 256 for
 AdamW8bit), reproduced here exactly; with `offload_optimizer` master weights, their gradients and the
@@ -26,6 +27,10 @@ it: 4 bytes per parameter at start (`host_at_start`).
 
 Activations (the bytes kept for backward, the backward working set, logits and loss) are estimated in
 train/activations.py and added per rank.
+
+Mixture of experts: every routed expert's weights are held (and trained) by every TP rank, split like
+the dense MLP; the router is replicated; V3's correction bias is a frozen parameter. Activations count
+the chosen experts only (train/activations.py).
 
 Margin, stated: 10% of the estimate for the caching allocator's fragmentation, plus 1 GiB for the CUDA
 context, NCCL and cuBLAS workspaces (outside torch's allocator). `fits` compares estimate + margin with
@@ -112,6 +117,32 @@ def _linear(name, out_f, in_f, kind, tp, unit, lora) -> list[TensorSpec]:
     ]
 
 
+def _swiglu(prefix: str, width: int, h: int, tp: int, unit: int, lora) -> list[TensorSpec]:
+    out = []
+    for name in ("gate_proj", "up_proj"):
+        out += _linear(prefix + name, width, h, "column", tp, unit, lora)
+    return out + _linear(prefix + "down_proj", h, width, "row", tp, unit, lora)
+
+
+def _mlp_tensors(c: MLAConfig, i: int, tp: int, unit: int, lora) -> list[TensorSpec]:
+    """Layer i's MLP: dense, or the replicated router (+ V3's frozen correction bias), the shared
+    experts and every routed expert (all held, whatever the routing)."""
+    p = f"model.layers.{i}.mlp."
+    if not c.is_moe_layer(i):
+        return _swiglu(p, c.intermediate_size, c.hidden_size, tp, unit, lora)
+    trains = lora is None or not lora.enabled
+    out = [TensorSpec(p + "gate.weight", c.n_routed_experts * c.hidden_size, trains, False, True, unit)]
+    if c.topk_method == "noaux_tc":
+        bias = TensorSpec(p + "gate.e_score_correction_bias", c.n_routed_experts, False, False, False, unit)
+        out.append(bias)
+    for j in range(c.n_routed_experts):
+        out += _swiglu(f"{p}experts.{j}.", c.moe_intermediate_size, c.hidden_size, tp, unit, lora)
+    if c.n_shared_experts:
+        width = c.moe_intermediate_size * c.n_shared_experts
+        out += _swiglu(p + "shared_experts.", width, c.hidden_size, tp, unit, lora)
+    return out
+
+
 def model_tensors(mcfg: MLAConfig, tp: int, stage: StageSpec, lora=None) -> list[TensorSpec]:
     """The parameters of one rank's chunk in `MLATransformer.named_parameters()` order."""
     h, H, c = mcfg.hidden_size, mcfg.num_heads, mcfg
@@ -140,9 +171,7 @@ def model_tensors(mcfg: MLAConfig, tp: int, stage: StageSpec, lora=None) -> list
         )
         out += _linear(a + "o_proj", h, H * c.v_head_dim, "row", tp, unit, lora)
         out.append(TensorSpec(p + "post_attention_layernorm.weight", h, trains, False, False, unit))
-        for name, kind in (("gate_proj", "column"), ("up_proj", "column")):
-            out += _linear(p + "mlp." + name, c.intermediate_size, h, kind, tp, unit, lora)
-        out += _linear(p + "mlp.down_proj", h, c.intermediate_size, "row", tp, unit, lora)
+        out += _mlp_tensors(c, i, tp, unit, lora)
         unit += 1
     if stage.is_last:
         out.append(TensorSpec("model.norm.weight", h, trains, False, False, unit))
@@ -262,6 +291,8 @@ def _model_state(config: Config, mcfg: MLAConfig, pp_rank: int):
     frozen_dense = w * sum(t.numel for t in frozen if t.nf4_bytes is None)
     nf4 = sum(t.nf4_bytes for t in frozen if t.nf4_bytes is not None)
     buffers = layers * 2 * mcfg.max_seq_len * (mcfg.qk_rope_head_dim // 2) * w
+    moe = sum(mcfg.is_moe_layer(i) for s in chunks for i in range(s.layer_start, s.layer_end))
+    buffers += moe * (2 * (mcfg.n_routed_experts or 0) + 2) * w  # routing statistics
     p_train = sum(t.numel for t in trainable)
     state: dict[str, int] = {}
     transient_grads = 0

@@ -122,6 +122,8 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
     for tp in _divisors(gpus):
         if tp > GPUS_PER_NODE or mcfg.num_heads % tp or mcfg.intermediate_size % tp:
             continue
+        if mcfg.is_moe and mcfg.moe_intermediate_size % tp:
+            continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
             if pp > mcfg.num_layers or tc.global_batch_size % dp:

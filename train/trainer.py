@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.moe import routing_statistics, update_router_bias
 from parallel.data import ZeroOptimizer
 from parallel.grad_clip import clip_grad_norm_
 from parallel.lowbit.lora import save_adapter
@@ -199,6 +200,8 @@ class Trainer:
             # fp16: the scaler skips a step with inf/NaN gradients
             if self.scaler is None or not self.scaler.update(grad_norm.item()):
                 self.optimizer.step()
+                if self.mcfg.router_bias_update_rate:
+                    update_router_bias(self.parts.chunks, self.mcfg.router_bias_update_rate, topo.dp_group)
         self.optimizer.zero_grad(set_to_none=False)
         if step == self.start_step:
             set_collective_timeout(topo, config.distributed.timeout_s)  # start-up is over
@@ -230,6 +233,8 @@ class Trainer:
         entry["tflops_per_device"] = tflops
         if self.peak_tflops:
             entry["mfu"] = tflops / self.peak_tflops
+        if self.mcfg.is_moe:
+            entry.update(routing_statistics(self.parts.chunks, topo.dp_group, topo.pp_group))
         entry.update(self.monitor.sample())
         if self.recovery.retries:
             entry["micro_batch_size"], entry["oom_retries"] = self.runner.mbs, self.recovery.retries

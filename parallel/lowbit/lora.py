@@ -45,7 +45,6 @@ file format (PEFT's) is in parallel.lowbit.peft_io; `save_adapter` and `load_ada
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.collectives import _all_reduce, copy_to_group, group_rank, group_size
+from parallel.lowbit.lora_targets import target_matches
 from parallel.lowbit.nf4_linear import NF4Linear, compute_dtype, nf4_layout_of_shard
 from parallel.pipeline import ModelParts
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, mark_sharded, shard_tensor
@@ -277,13 +277,6 @@ class LoraSettings:
     alpha: float
     dropout: float
     quantize_base: str | None
-
-
-def target_matches(name: str, targets: Sequence[str] | str) -> bool:
-    """PEFT's rule: a string is a regex over the whole name; a list matches names equal or ending in .t"""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_modules(model: ModelLike) -> dict[str, LoRALinear]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from parallel.collectives import group_rank, group_size
 from parallel.lowbit.lora import LoraSettings, apply_lora, lora_modules
+from parallel.lowbit.lora_targets import peft_target_modules
 from parallel.pipeline import ModelParts
 from parallel.tensor import full_tensor, shard_tensor, tp_dim
 
@@ -59,7 +60,7 @@ def adapter_config(settings: LoraSettings, base_model: str | None = None) -> dic
         "r": settings.r,
         "lora_alpha": int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha,
         "lora_dropout": settings.dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "target_modules": peft_target_modules(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
