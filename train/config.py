@@ -60,11 +60,42 @@ class DataConfig:
     cache_dir: str = ".cache/mla-parallel"
     """Folder of the tokenizer and the memory-mapped token files (`train.bin`, `val.bin` + JSON sidecars);
     shared by every rank."""
-    max_corpus_mb: float | None = 4.0
-    """Cap on the corpus size, in MiB (> 0; null: everything)."""
+    max_corpus_mb: float | None = None
+    """Cap on the corpus size, in MiB (> 0; null: everything, except `stdlib`, which keeps 4 MiB)."""
     val_fraction: float = 0.05
     """Fraction of the documents held out for validation, spread over the corpus and never trained on;
     in (0, 0.5]."""
+    format: str = "auto"
+    """How corpus files are read: `text` (a file is a document), `jsonl` (a JSON object per line, the
+    document in `data.text_field`), `chat` (`messages: [{role, content}]`, loss on assistant turns only),
+    `instruction` (`data.prompt_field` + `data.completion_field`, loss on the completion only); `auto`:
+    `.jsonl`/`.json` files are `jsonl`, others `text`."""
+    text_field: str = "text"
+    """The JSON field holding a `jsonl` record's document."""
+    prompt_field: str = "prompt"
+    """The JSON field holding an `instruction` record's prompt (not trained on)."""
+    completion_field: str = "completion"
+    """The JSON field holding an `instruction` record's completion (trained on)."""
+    chat_template: str | None = None
+    """A `.jinja` chat template file, or `builtin`; null: the tokenizer folder's `tokenizer_config.json`
+    `chat_template` if any, else the built-in one (docs/data.md)."""
+    on_bad_record: str = "error"
+    """A malformed JSONL line: `error` (stop, naming file and line) or `skip` (count it in the log)."""
+    packing: bool = True
+    """Concatenate documents into `seq_len` windows; false: one document per row, truncated or padded
+    (padding ignored by the loss)."""
+    document_masking: bool | None = None
+    """Attention never crosses a document boundary and RoPE positions restart per document; null: on
+    for record formats (`jsonl`, `chat`, `instruction`) and mixtures, off for plain `text` corpora (whose
+    random windows are then as before)."""
+    mixture: list[dict[str, Any]] | None = None
+    """Sources drawn from in proportion to their weight: a list of `{corpus, format, weight}` (format
+    optional, default `data.format`); replaces `data.corpus`. The tokenizer is the first source's."""
+    val_corpus: str | None = None
+    """A separate validation corpus (same format rules); null: held-out documents of each source."""
+    num_workers: int = 0
+    """Processes that tokenize record corpora (0: in the building process; `tokenizers` itself also uses
+    threads)."""
 
 
 @dataclass

@@ -28,12 +28,32 @@ def _at_least(low: int) -> Rule:
 
 _POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
 
+
+def _mixture_entry(entry: dict) -> bool:
+    weight = entry.get("weight", 1.0)
+    return (
+        set(entry) <= {"corpus", "format", "weight"}
+        and isinstance(entry.get("corpus"), str)
+        and entry.get("format", "auto") in ("auto", "text", "jsonl", "chat", "instruction")
+        and isinstance(weight, (int, float))
+        and not isinstance(weight, bool)
+        and weight > 0
+    )
+
+
 # Checked on user-set values that are not null (the defaults already satisfy them).
 RULES: dict[str, Rule] = {
     "data.vocab_size": _at_least(1),
     "data.seq_len": _at_least(1),
     "data.max_corpus_mb": _POSITIVE,
     "data.val_fraction": ((lambda v: 0 < v <= 0.5), "a value in (0, 0.5]"),
+    "data.format": _one_of("auto", "text", "jsonl", "chat", "instruction"),
+    "data.on_bad_record": _one_of("error", "skip"),
+    "data.num_workers": _at_least(0),
+    "data.mixture": (
+        (lambda v: len(v) > 0 and all(_mixture_entry(e) for e in v)),
+        "a non-empty list of {corpus: path, format: optional, weight: number > 0}",
+    ),
     "distributed.backend": _one_of("auto", "gloo", "nccl"),
     "distributed.dp": _at_least(1),
     "distributed.tp": _at_least(1),
@@ -163,7 +183,7 @@ def describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
         return f"{describe(inner)} or null"
-    plural = {int: "integers", float: "numbers", str: "strings"}
+    plural = {int: "integers", float: "numbers", str: "strings", dict[str, Any]: "mappings"}
     if origin is tuple:
         return f"a list of {len(args)} {plural[args[0]]}"
     if origin is list:

@@ -1,8 +1,10 @@
 """Token files: the corpus tokenized once into ``train.bin`` / ``val.bin`` and memory-mapped by every rank.
 
 Each document is followed by ``<|endoftext|>``; the files are uint16 (uint32 above 65,536 tokens) with a
-JSON sidecar each (dtype, vocabulary, counts), in ``cache_dir/<key>/`` with the tokenizer. The key is a
-SHA-256 over what determines the tokens, so a changed corpus or setting builds a new folder.
+JSON sidecar each (dtype, vocabulary, counts), in ``cache_dir/<key>/`` with the tokenizer. Record formats
+(``train/data/formats.py``) are encoded by ``train/data/documents.py`` and may add ``{split}.mask.bin``
+(1 where a token is a counted target). The key is a SHA-256 over what determines the tokens (the files'
+contents, the format settings, the tokenizer), so a changed corpus or setting builds a new folder.
 """
 
 from __future__ import annotations
@@ -20,11 +22,27 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
+from train.data.chat import ChatTemplate
+from train.data.documents import encoded_documents, record_texts, write_record_splits
+from train.data.formats import FormatSpec, resolve_format
 from train.data.sources import MIB, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, train_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+STDLIB_DEFAULT_MB = 4.0  # the built-in corpus is capped even when data.max_corpus_mb is null
 _ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class RecordSetup:
+    """How record corpora are read: the format settings, the chat template and the encoding workers."""
+
+    spec: FormatSpec
+    template: ChatTemplate
+    workers: int = 0
+
+    def key(self) -> dict:
+        return {**self.spec.__dict__, "chat_template": self.template.source}
 
 
 @dataclass
@@ -37,6 +55,18 @@ class Dataset:
     vocab_size: int
     eot_id: int
     max_token_id: int
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
+    folder: Path | None = None
+    records: bool = False  # read as records (jsonl, chat, instruction): documents are records
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MIB):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_key(
@@ -45,11 +75,13 @@ def _cache_key(
     tokenizer_sha256: str | None,
     max_corpus_mb: float | None,
     val_fraction: float,
+    records: dict | None = None,
 ) -> str:
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    contents = [(str(p), _file_sha256(p)) for p in files]
     spec = {
         "format_version": FORMAT_VERSION,
-        "files": stats,
+        "records": records,
+        "files": contents,
         "vocab_size": vocab_size,
         "tokenizer_sha256": tokenizer_sha256,
         "max_corpus_mb": max_corpus_mb,
@@ -92,6 +124,7 @@ def _build(
     vocab_size: int,
     val_fraction: float,
     log: Callable[[str], None],
+    records: RecordSetup | None = None,
 ) -> None:
     """Build the cache in a temporary folder next to ``folder`` and rename it into place."""
     start = time.perf_counter()
@@ -102,7 +135,10 @@ def _build(
     try:
         if given is None:
             log(f"data: training byte-level BPE tokenizer (vocab_size={vocab_size})")
-            tok = train_tokenizer((read_text(p) for p in files), vocab_size)
+            texts = (read_text(p) for p in files)
+            if records is not None:
+                texts = record_texts(files, records.spec, records.template)
+            tok = train_tokenizer(texts, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
         else:
             tok = given
@@ -117,8 +153,13 @@ def _build(
             "eot_id": eot_id,
         }
         n_docs = len(files)
-        log(f"data: tokenizing {n_docs} documents (vocab {tok.get_vocab_size()})")
-        if n_docs == 1:
+        log(f"data: tokenizing {n_docs} files (vocab {tok.get_vocab_size()})")
+        if records is not None:
+            docs, stats = encoded_documents(
+                files, records.spec, records.template, str(tmp / "tokenizer.json"), eot_id, records.workers
+            )
+            n_train, n_val = write_record_splits(tmp, docs, stats, info, val_fraction, log)
+        elif n_docs == 1:
             ids = next(_encode_documents(tok, files, eot_id))
             cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
             n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
@@ -151,11 +192,13 @@ def _build(
 
 def _load(folder: Path) -> Dataset:
     tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    splits, sidecars = [], []
+    splits, masks, sidecars = [], [], []
     for split in ("train", "val"):
         sidecar = json.loads((folder / f"{split}.json").read_text())
         shape = (sidecar["num_tokens"],)
         splits.append(np.memmap(folder / f"{split}.bin", dtype=sidecar["dtype"], mode="r", shape=shape))
+        mask = folder / f"{split}.mask.bin"
+        masks.append(np.memmap(mask, dtype=np.uint8, mode="r", shape=shape) if mask.is_file() else None)
         sidecars.append(sidecar)
     return Dataset(
         tokenizer=tok,
@@ -164,6 +207,10 @@ def _load(folder: Path) -> Dataset:
         vocab_size=tok.get_vocab_size(),
         eot_id=sidecars[0]["eot_id"],
         max_token_id=max(s["max_token_id"] for s in sidecars),
+        train_mask=masks[0],
+        val_mask=masks[1],
+        folder=folder,
+        records=bool(sidecars[0].get("records")),
     )
 
 
@@ -178,6 +225,9 @@ def prepare_dataset(
     is_builder: bool,
     barrier: Callable[[], None],
     log: Callable[[str], None] = print,
+    spec: FormatSpec | None = None,
+    chat_template: str | None = None,
+    workers: int = 0,
 ) -> Dataset:
     """Tokenize ``corpus`` once into ``cache_dir`` and memory-map it; every rank of a job calls this.
 
@@ -187,6 +237,11 @@ def prepare_dataset(
     ``barrier()`` exactly once, also when this call fails, so ranks never diverge; then every rank loads
     it. The validation split is ``val_fraction`` of the documents, spread evenly over the corpus (at
     least one each side), or the tail of the tokens when there is a single document.
+
+    ``spec`` (default: ``auto`` format) says how files are read: when any file is a record format
+    (``jsonl``, ``chat``, ``instruction``), every record is a document (``train/data/documents.py``),
+    encoded by ``workers`` processes, and ``chat_template`` picks the chat template (``ChatTemplate``).
+    ``max_corpus_mb=None`` takes everything, except the built-in ``stdlib`` corpus (4 MiB).
     """
     try:
         if not 0 < val_fraction < 1:
@@ -194,14 +249,21 @@ def prepare_dataset(
         given = None if tokenizer is None else load_tokenizer_file(tokenizer)
         if given is None and vocab_size < 256 + 1:
             raise ValueError(f"data.vocab_size={vocab_size}: must be >= 257 (256 byte tokens + {EOT})")
+        if max_corpus_mb is None and corpus == "stdlib":
+            max_corpus_mb = STDLIB_DEFAULT_MB
         files = corpus_files(corpus, max_corpus_mb)
+        spec = spec or FormatSpec()
+        records = None
+        if any(resolve_format(p, spec.format) != "text" for p in files):
+            records = RecordSetup(spec, ChatTemplate.resolve(chat_template, tokenizer), workers)
         tok_sha = None if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
-        key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction)
+        rkey = None if records is None else records.key()
+        key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction, rkey)
         folder = Path(cache_dir) / key[:16]
         if _is_complete(folder):
             log(f"data: cache hit {folder}")
         elif is_builder:
-            _build(folder, key, files, given, tokenizer, vocab_size, val_fraction, log)
+            _build(folder, key, files, given, tokenizer, vocab_size, val_fraction, log, records)
     finally:
         barrier()
     if not _is_complete(folder):
