@@ -7,13 +7,20 @@ read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rules make 
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, override, key or value; the message is one line naming the dotted key."""
+
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -193,3 +200,32 @@ def describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, "any value"
     )
+
+
+_warned_deprecated: set[str] = set()
+
+
+def rename_deprecated(name: str, raw: dict) -> dict:
+    """`raw` with deprecated keys renamed to their new names (warning once; both given is an error)."""
+    renamed = dict(raw)
+    for old, new in DEPRECATED_KEYS.get(name, {}).items():
+        if old not in renamed:
+            continue
+        if new in renamed:
+            raise ConfigError(f"{name}.{old}: deprecated alias of {name}.{new}; give only {name}.{new}")
+        if old not in _warned_deprecated:
+            _warned_deprecated.add(old)
+            warnings.warn(f"{name}.{old} is deprecated: use {name}.{new}", FutureWarning, stacklevel=2)
+        renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def unknown_name(kind: str, prefix: str, name: Any, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    listing = ", ".join(prefix + v for v in valid)
+    return ConfigError(f"unknown {kind} {prefix + str(name)!r}{hint}; valid {kind}s: {listing}")
