@@ -1,6 +1,6 @@
 """Documents to token files: encode each document, split held-out documents off, write the streams.
 
-``encode_document`` is the one place a document (a list of ``(text, trained)`` segments) becomes token
+``encode_documents`` is the one place a document (a list of ``(text, trained)`` segments) becomes token
 ids and a loss mask: the segments' ids in order, then the end-of-text token, which is trained when the
 last segment is. Record corpora (``jsonl``, ``chat``, ``instruction``) are streamed line by line and
 encoded in batches by ``workers`` processes (at most ``2 * workers`` batches in flight, so memory does not
@@ -27,15 +27,29 @@ _BATCH_DOCS = 256
 _worker_tokenizer: tokenizers.Tokenizer | None = None
 
 
+def encode_documents(
+    tok: tokenizers.Tokenizer, docs: list[list[Segment]], eot_id: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, trained flags) of each document: its segments' ids, then ``eot_id``, trained when the
+    last segment is. One tokenizer call for all the segments (the tokenizer parallelises it)."""
+    encodings = iter(tok.encode_batch([text for doc in docs for text, _ in doc], add_special_tokens=False))
+    out = []
+    for doc in docs:
+        ids, trained = [], []
+        for (_, flag), enc in zip(doc, encodings, strict=False):
+            ids += enc.ids
+            trained += [flag] * len(enc.ids)
+        ids.append(eot_id)
+        trained.append(doc[-1][1])
+        out.append((np.array(ids, dtype=np.int64), np.array(trained, dtype=np.uint8)))
+    return out
+
+
 def encode_document(
     tok: tokenizers.Tokenizer, segments: list[Segment], eot_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, trained flags) of one document: its segments, then ``eot_id``."""
-    encodings = tok.encode_batch([text for text, _ in segments], add_special_tokens=False)
-    ids = [i for enc in encodings for i in enc.ids] + [eot_id]
-    trained = [t for enc, (_, t) in zip(encodings, segments, strict=True) for _ in enc.ids]
-    trained.append(segments[-1][1])
-    return np.array(ids, dtype=np.int64), np.array(trained, dtype=np.uint8)
+    """``encode_documents`` of one document."""
+    return encode_documents(tok, [segments], eot_id)[0]
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -45,7 +59,7 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_batch(docs: list[list[Segment]], eot_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [encode_document(_worker_tokenizer, d, eot_id) for d in docs]
+    return encode_documents(_worker_tokenizer, docs, eot_id)
 
 
 def record_texts(files: list[Path], spec: FormatSpec, template) -> Iterator[str]:

@@ -39,11 +39,13 @@ def _sources(config: Config) -> list[tuple[str, str, float]]:
     return [(e["corpus"], e.get("format", dc.format), float(e.get("weight", 1.0))) for e in dc.mixture]
 
 
-def load_training_data(
+def prepare_sources(
     config: Config, is_builder: bool, barrier: Callable[[], None], log: Callable[[str], None]
-) -> TrainingData:
-    """Prepare every source (and `data.val_corpus`) and build the sampler and validation batch."""
-    dc, tc = config.data, config.train
+) -> tuple[list[Dataset], list[float], Dataset | None]:
+    """Tokenize (or find in the cache) every source and `data.val_corpus`: (datasets, weights, val set).
+
+    Every rank calls this (the `is_builder` rank writes); sources after the first use its tokenizer."""
+    dc = config.data
     tokenizer = dc.tokenizer
     datasets, weights = [], []
     for corpus, fmt, weight in [
@@ -70,6 +72,15 @@ def load_training_data(
         datasets.append(ds)
         weights.append(weight)
     val_set = datasets.pop() if dc.val_corpus else None
+    return datasets, weights[: len(datasets)], val_set
+
+
+def load_training_data(
+    config: Config, is_builder: bool, barrier: Callable[[], None], log: Callable[[str], None]
+) -> TrainingData:
+    """Prepare every source (and `data.val_corpus`) and build the sampler and validation batch."""
+    dc, tc = config.data, config.train
+    datasets, weights, val_set = prepare_sources(config, is_builder, barrier, log)
     first = datasets[0]
     masking = dc.document_masking
     if masking is None:
