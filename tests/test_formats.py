@@ -170,3 +170,17 @@ def test_no_packing_pads_one_document_per_row():
             assert batch.targets[r].tolist() == [6, 0, -100, -100, -100, -100]
         if first == 7:  # truncated to seq_len + 1 tokens
             assert batch.targets[r].tolist() == [8, 9, 10, 11, 12, 13]
+
+
+def test_unsupported_data_combinations_are_rejected_up_front():
+    from models import MLAConfig
+    from train.config import load_config
+    from train.layout import unsupported
+
+    both = load_config(None, ["data.corpus=a.jsonl", "data.mixture=[{corpus: b.jsonl, weight: 1}]"])
+    assert "give the corpora in data.mixture only" in unsupported(both, MLAConfig())
+    template = load_config(None, ["data.format=instruction", "data.chat_template=builtin"])
+    assert "no source has data.format chat" in unsupported(template, MLAConfig())
+    bad_weight = ["data.mixture=[{corpus: b.jsonl, weight: 0}]"]
+    with pytest.raises(ValueError, match="data.mixture="):
+        load_config(None, bad_weight)

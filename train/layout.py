@@ -78,6 +78,12 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
             f"model.tie_embeddings=true with distributed.pp={dc.pp}: tied embeddings are not supported with "
             "pipeline parallelism (pp > 1)"
         )
+    data = config.data
+    if data.mixture is not None and data.corpus != "stdlib":
+        return f"data.corpus={data.corpus!r} with data.mixture: give the corpora in data.mixture only"
+    formats = {data.format, *(e.get("format", data.format) for e in data.mixture or [])}
+    if data.chat_template is not None and not formats & {"chat", "auto"}:
+        return f"data.chat_template={data.chat_template!r}: no source has data.format chat (or auto)"
     if dc.sequence_parallel and config.data.seq_len % (dc.tp or 1):
         return (
             f"data.seq_len={config.data.seq_len}: sequence parallelism splits the sequence over "
