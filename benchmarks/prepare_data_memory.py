@@ -1,6 +1,6 @@
 """prepare_data on a large generated JSONL corpus: peak memory (RSS) and tokens per second.
 
-    python benchmarks/bench_prepare_data.py [--size-mb 1024] [--workers 2] [--dir DIR]
+    python benchmarks/prepare_data_memory.py [--size-mb 1024] [--workers 2] [--dir DIR]
 
 Generates SIZE MiB of JSONL records (random words, ~2 KiB each), trains a 4,096-token byte-level BPE on
 its first 4 MiB (so the tokenizer is not what is measured), then runs `python -m train.prepare_data` on

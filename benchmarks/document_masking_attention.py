@@ -1,6 +1,6 @@
 """Document masking: SDPA with a block-diagonal causal mask against per-document segments.
 
-    python benchmarks/bench_document_masking.py [--seq 1024] [--rounds 5]
+    python benchmarks/document_masking_attention.py [--seq 1024] [--rounds 5]
 
 The attention core of a packed batch (4 rows, 8 heads, head dim 64 + 32 for keys/queries and 64 for
 values, as MLA's decoded heads; documents of 20 to 400 tokens), forward and backward, fp32 on CPU, one
