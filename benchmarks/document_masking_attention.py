@@ -67,7 +67,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     b, h = 4, 8
     docs = [lengths(args.seq, rng) for _ in range(b)]
-    ids = torch.tensor([np.repeat(np.arange(len(d)), d) for d in docs])
+    ids = torch.from_numpy(np.stack([np.repeat(np.arange(len(d)), d) for d in docs]))
     _, mask = document_attention(ids)
     q = torch.randn(b, h, args.seq, 96, requires_grad=True)
     k = torch.randn(b, h, args.seq, 96, requires_grad=True)

@@ -184,3 +184,26 @@ def test_unsupported_data_combinations_are_rejected_up_front():
     bad_weight = ["data.mixture=[{corpus: b.jsonl, weight: 0}]"]
     with pytest.raises(ValueError, match="data.mixture="):
         load_config(None, bad_weight)
+
+
+def test_worker_processes_write_the_same_token_files(tmp_path):
+    records = [{"prompt": f"Say {i} twice.", "completion": f" {i} {i}"} for i in range(300)]
+    path = _write(tmp_path / "train.jsonl", records)
+    folders = []
+    for workers in (0, 1):
+        ds = prepare_dataset(
+            str(path),
+            tokenizer=None,
+            vocab_size=300,
+            cache_dir=str(tmp_path / f"cache{workers}"),
+            max_corpus_mb=None,
+            val_fraction=0.1,
+            is_builder=True,
+            barrier=lambda: None,
+            log=lambda s: None,
+            spec=FormatSpec("instruction"),
+            workers=workers,
+        )
+        folders.append(ds.folder)
+    for name in ("train.bin", "train.mask.bin", "val.bin", "val.mask.bin"):
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
