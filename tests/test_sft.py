@@ -95,3 +95,24 @@ def test_sft_loss_curve_independent_of_layout():
     model = MLATransformer(CONFIG)
     means = torch.stack([model.loss(mb.inputs, mb.targets) for mb in batch.split(4)]).mean()
     assert abs(means.item() - reference[0]) > 1e-3
+
+
+def _all_masked_micro_batch() -> tuple[float, float, bool]:
+    batch = _instruction_batch(0)
+    batch.targets[:2] = -100  # the first micro-batch (2 rows) has nothing to count
+    with grid(dp=1) as topo:
+        torch.manual_seed(3)
+        model = MLATransformer(CONFIG, topo)
+        runner = ModelRunner(
+            model, topo, micro_batch_size=2, num_microbatches=2, seq_len=12, precision="fp32"
+        )
+        loss = runner.train_step(batch).item()
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+        expected = model.loss(batch.inputs[2:], batch.targets[2:]).item()
+    return loss, expected, finite
+
+
+def test_micro_batch_without_counted_targets_adds_nothing():
+    loss, expected, finite = run_distributed(1, _all_masked_micro_batch)[0]
+    assert finite
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)  # fp32, the same sum in another order
