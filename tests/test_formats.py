@@ -207,3 +207,25 @@ def test_worker_processes_write_the_same_token_files(tmp_path):
         folders.append(ds.folder)
     for name in ("train.bin", "train.mask.bin", "val.bin", "val.mask.bin"):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+
+
+def test_prepare_data_cli_builds_then_hits_the_cache(tmp_path, capsys):
+    from train.prepare_data import main
+
+    records = [
+        {"prompt": f"Count to {i}.", "completion": " " + " ".join(map(str, range(i)))} for i in range(60)
+    ]
+    path = _write(tmp_path / "sft.jsonl", records)
+    args = [
+        f"data.corpus={path}",
+        "data.format=instruction",
+        "data.vocab_size=300",
+        f"data.cache_dir={tmp_path}",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "building token cache" in first and "masked: True" in first
+    assert main(args) == 0
+    assert "cache hit" in capsys.readouterr().out
+    assert main([*args[:-1], "data.format=nonsense"]) == 1
+    assert "data.format='nonsense'" in capsys.readouterr().err
