@@ -213,7 +213,7 @@ def test_prepare_data_cli_builds_then_hits_the_cache(tmp_path, capsys):
     from train.prepare_data import main
 
     records = [
-        {"prompt": f"Count to {i}.", "completion": " " + " ".join(map(str, range(i)))} for i in range(60)
+        {"prompt": f"Count to {i}.", "completion": " " + " ".join(map(str, range(i)))} for i in range(1, 61)
     ]
     path = _write(tmp_path / "sft.jsonl", records)
     args = [
