@@ -205,7 +205,9 @@ def test_worker_processes_write_the_same_token_files(tmp_path):
             workers=workers,
         )
         folders.append(ds.folder)
-    for name in ("train.bin", "train.mask.bin", "val.bin", "val.mask.bin"):
+    names = sorted(p.name for p in folders[0].glob("*.bin"))
+    assert names == ["train-00000.bin", "train-00000.mask.bin", "val-00000.bin", "val-00000.mask.bin"]
+    for name in names:
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
 
 
@@ -229,3 +231,30 @@ def test_prepare_data_cli_builds_then_hits_the_cache(tmp_path, capsys):
     assert "cache hit" in capsys.readouterr().out
     assert main([*args[:-1], "data.format=nonsense"]) == 1
     assert "data.format='nonsense'" in capsys.readouterr().err
+
+
+def test_sharded_token_files_read_as_one_stream(tmp_path, monkeypatch):
+    from train.data import shards
+
+    records = [{"prompt": f"Repeat {i}.", "completion": f" {i} {i} {i}"} for i in range(1, 80)]
+    path = _write(tmp_path / "sft.jsonl", records)
+    kwargs = dict(
+        tokenizer=None,
+        vocab_size=300,
+        max_corpus_mb=None,
+        val_fraction=0.1,
+        is_builder=True,
+        barrier=lambda: None,
+        log=lambda s: None,
+        spec=FormatSpec("instruction"),
+    )
+    whole = prepare_dataset(str(path), cache_dir=str(tmp_path / "one"), **kwargs)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 97)  # documents straddle shard boundaries
+    sharded = prepare_dataset(str(path), cache_dir=str(tmp_path / "many"), **kwargs)
+    assert len(list(sharded.folder.glob("train-*.mask.bin"))) > 3
+    assert isinstance(sharded.train_tokens, shards.ShardedArray)
+    assert np.array_equal(np.asarray(sharded.train_tokens), np.asarray(whole.train_tokens))
+    assert np.array_equal(np.asarray(sharded.train_mask), np.asarray(whole.train_mask))
+    index = np.random.default_rng(0).integers(0, len(whole.train_tokens), size=(7, 13))
+    assert np.array_equal(sharded.train_tokens[index], np.asarray(whole.train_tokens)[index])
+    assert np.array_equal(sharded.train_mask[90:200], np.asarray(whole.train_mask)[90:200])

@@ -25,6 +25,7 @@ import tokenizers
 from train.data.chat import ChatTemplate
 from train.data.documents import encoded_documents, record_texts, write_record_splits
 from train.data.formats import FormatSpec, resolve_format
+from train.data.shards import open_split
 from train.data.sources import MIB, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, train_tokenizer
 
@@ -196,9 +197,12 @@ def _load(folder: Path) -> Dataset:
     for split in ("train", "val"):
         sidecar = json.loads((folder / f"{split}.json").read_text())
         shape = (sidecar["num_tokens"],)
-        splits.append(np.memmap(folder / f"{split}.bin", dtype=sidecar["dtype"], mode="r", shape=shape))
-        mask = folder / f"{split}.mask.bin"
-        masks.append(np.memmap(mask, dtype=np.uint8, mode="r", shape=shape) if mask.is_file() else None)
+        if "shards" in sidecar:  # record corpora (train/data/documents.py)
+            splits.append(open_split(folder, split, sidecar, mask=False))
+            masks.append(open_split(folder, split, sidecar, mask=True))
+        else:
+            splits.append(np.memmap(folder / f"{split}.bin", dtype=sidecar["dtype"], mode="r", shape=shape))
+            masks.append(None)
         sidecars.append(sidecar)
     return Dataset(
         tokenizer=tok,

@@ -5,8 +5,8 @@ ids and a loss mask: the segments' ids in order, then the end-of-text token, whi
 last segment is. Record corpora (``jsonl``, ``chat``, ``instruction``) are streamed line by line and
 encoded in batches by ``workers`` processes (at most ``2 * workers`` batches in flight, so memory does not
 grow with the corpus); every ``period``-th document goes to validation, and the last one if none did.
-The mask file ``{split}.mask.bin`` (uint8: 1 where the token is a counted target) is written only when
-some token is not trained on.
+The files are shards (``train/data/shards.py``); the mask shards ``{split}-NNNNN.mask.bin`` (uint8: 1
+where the token is a counted target) are kept only when some token is not trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
+from train.data import shards
 from train.data.formats import FormatSpec, RecordStats, Segment, read_documents, resolve_format
+from train.data.shards import shard_name
 
 _BATCH_DOCS = 256
 _worker_tokenizer: tokenizers.Tokenizer | None = None
@@ -107,17 +109,34 @@ def encoded_documents(
 
 
 class SplitWriter:
-    """Appends documents to ``{split}.bin`` (and ``{split}.mask.bin``); ``close`` writes the sidecar."""
+    """Appends documents to shards ``{split}-NNNNN.bin`` (and ``.mask.bin``) of at most
+    ``shards.SHARD_TOKENS`` tokens (a document may straddle two); ``close`` writes the sidecar, whose
+    ``shards`` lists the shard sizes."""
 
     def __init__(self, folder: Path, split: str, info: dict) -> None:
         self.folder, self.split, self.info = folder, split, info
-        self.tokens = open(folder / f"{split}.bin", "wb")
-        self.mask = open(folder / f"{split}.mask.bin", "wb")
+        self.shards: list[int] = []
         self.num_tokens = self.num_documents = self.max_token_id = self.untrained = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.tokens = open(self.folder / shard_name(self.split, len(self.shards)), "wb")
+        self.mask = open(self.folder / shard_name(self.split, len(self.shards), mask=True), "wb")
+        self.shards.append(0)
 
     def add(self, ids: np.ndarray, trained: np.ndarray) -> None:
-        self.tokens.write(ids.astype(self.info["dtype"]).tobytes())
-        self.mask.write(trained.tobytes())
+        ids = ids.astype(self.info["dtype"])
+        start = 0
+        while start < len(ids):
+            if self.shards[-1] == shards.SHARD_TOKENS:
+                self.tokens.close()
+                self.mask.close()
+                self._open()
+            stop = min(len(ids), start + shards.SHARD_TOKENS - self.shards[-1])
+            self.tokens.write(ids[start:stop].tobytes())
+            self.mask.write(trained[start:stop].tobytes())
+            self.shards[-1] += stop - start
+            start = stop
         self.num_tokens += len(ids)
         self.num_documents += 1
         self.max_token_id = max(self.max_token_id, int(ids.max()))
@@ -127,7 +146,8 @@ class SplitWriter:
         self.tokens.close()
         self.mask.close()
         if not self.untrained:
-            (self.folder / f"{self.split}.mask.bin").unlink()
+            for i in range(len(self.shards)):
+                (self.folder / shard_name(self.split, i, mask=True)).unlink()
         sidecar = {
             **self.info,
             "split": self.split,
@@ -135,6 +155,7 @@ class SplitWriter:
             "num_documents": self.num_documents,
             "max_token_id": self.max_token_id,
             "has_mask": bool(self.untrained),
+            "shards": self.shards,
             "records": True,
             "skipped_records": stats.skipped,
         }
