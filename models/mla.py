@@ -130,12 +130,35 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin() * magnitude, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x (..., seq, d_rope): (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos)."""
+        """Rotate x (..., seq, d_rope): (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos).
+
+        `positions` is (seq,), or (batch, seq) for x (batch, heads, seq, d_rope) when each row has its own
+        positions (packed documents, each restarting at 0)."""
         cos = self.cos[positions].to(x.dtype)
         sin = self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         even, odd = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
         return rotated.flatten(-2)
+
+
+def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE positions and the attention mask of packed documents, from `document_ids` (batch, seq).
+
+    Consecutive equal ids form one document. positions[b, t] = t - (start of t's document), so they
+    restart at 0 in each document; mask[b, 0, i, j] = (j <= i) and ids[b, i] == ids[b, j]: block-diagonal
+    causal attention, so no token sees another document.
+    """
+    b, s = document_ids.shape
+    index = torch.arange(s, device=document_ids.device)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    positions = index - first
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = index[None, :] <= index[:, None]
+    return positions, (same & causal).unsqueeze(1)
 
 
 @dataclass
@@ -181,7 +204,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.dropout = config.dropout
         self.recompute_core = False  # selective activation recompute (see _core)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal attention; with `attn_mask` (batch, 1, seq, seq), True where a query may attend (e.g.
+        `document_attention` of packed documents), that mask replaces the causal one."""
         b, s, _ = x.shape
         heads = self.local_heads
         q_nope, q_pe = self._queries(x)
@@ -193,9 +220,11 @@ class MultiHeadLatentAttention(nn.Module):
         # k_pe reaches the local heads without passing a column-parallel layer: sum its gradient here.
         k_pe = copy_to_group(k_pe, self.group).unsqueeze(1)
         if self.recompute_core and self.training and torch.is_grad_enabled():
-            out = checkpoint(self._core, q_nope, q_pe, k_nope, k_pe, v, positions, use_reentrant=False)
+            out = checkpoint(
+                self._core, q_nope, q_pe, k_nope, k_pe, v, positions, attn_mask, use_reentrant=False
+            )
         else:
-            out = self._core(q_nope, q_pe, k_nope, k_pe, v, positions)
+            out = self._core(q_nope, q_pe, k_nope, k_pe, v, positions, attn_mask)
         out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
         return self.o_proj(out)
 
@@ -209,7 +238,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(b, s, self.local_heads, self.d_nope + self.d_rope).transpose(1, 2)
         return q.split([self.d_nope, self.d_rope], dim=-1)
 
-    def _core(self, q_nope, q_pe, k_nope, k_pe, v, positions) -> torch.Tensor:
+    def _core(self, q_nope, q_pe, k_nope, k_pe, v, positions, attn_mask=None) -> torch.Tensor:
         """The attention core: RoPE, scores, softmax, dropout, weighted sum (batch, heads, seq, d_v).
 
         It has no parameters; with `recompute_core` (selective recompute) only its inputs are kept for
@@ -223,7 +252,8 @@ class MultiHeadLatentAttention(nn.Module):
             query,
             key,
             v,
-            is_causal=True,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         )

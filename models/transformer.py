@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
-from models.mla import LayerCache, MultiHeadLatentAttention, RMSNorm
+from models.mla import LayerCache, MultiHeadLatentAttention, RMSNorm, document_attention
 from models.mlp import MLP
 from models.moe import MoE, aux_loss
 from parallel.collectives import (
@@ -82,11 +82,13 @@ class DecoderLayer(nn.Module):
         self.group = group
         self.sequence_parallel = False  # x arrives split along the sequence (see the module docstring)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.sequence_parallel:
             h = gather_from_group(h, SEQUENCE_DIM, self.group)
-        x = x + self._dropout(self.self_attn(h, positions))
+        x = x + self._dropout(self.self_attn(h, positions, attn_mask))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def _dropout(self, y: torch.Tensor) -> torch.Tensor:
@@ -162,9 +164,10 @@ class MLABackbone(nn.Module):
         self.recompute = "none"  # none | full | selective
         self.sequence_parallel = False  # hidden states between layers are split along the sequence
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere (under
-        sequence parallelism: this rank's slice of the sequence, and so is the output)."""
+        sequence parallelism: this rank's slice of the sequence, and so is the output). `document_ids`
+        (batch, seq), always the whole sequence, switch on document masking (`document_attention`)."""
         tp = group_size(self.group) if self.sequence_parallel else 1
         seq = inputs.shape[1] * (1 if self.stage.is_first else tp)
         if seq % tp:
@@ -172,12 +175,19 @@ class MLABackbone(nn.Module):
                 f"sequence length {seq} is not divisible by tp={tp} (distributed.sequence_parallel=true)"
             )
         x = self.embed_tokens(inputs) if self.stage.is_first else inputs
-        positions = torch.arange(seq, device=x.device)
+        positions, mask = torch.arange(seq, device=x.device), None
+        if document_ids is not None:
+            if document_ids.shape != (x.shape[0], seq):
+                raise ValueError(
+                    f"document_ids of shape {tuple(document_ids.shape)}: expected (batch, seq) = "
+                    f"{(x.shape[0], seq)}"
+                )
+            positions, mask = document_attention(document_ids.to(x.device))
         for layer in self.layers.values():
             if self.recompute == "full" and self.training:
-                x = checkpoint(layer, x, positions, use_reentrant=False)
+                x = checkpoint(layer, x, positions, mask, use_reentrant=False)
             else:
-                x = layer(x, positions)
+                x = layer(x, positions, mask)
         return self.norm(x) if self.stage.is_last else x
 
 
@@ -279,10 +289,16 @@ class MLATransformer(nn.Module):
                 self.lm_head.sequence_parallel = active
         return self
 
-    def forward(self, inputs: torch.Tensor, gather_output: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        gather_output: bool = False,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (batch, seq, vocab / tp) on this rank's vocabulary slice, or the full vocabulary if
         gathered. `inputs` are token ids (batch, seq) on the first stage, hidden states elsewhere; a stage
-        that is not the last returns hidden states."""
+        that is not the last returns hidden states. `document_ids` (batch, seq): packed documents that
+        attend only within themselves, with RoPE positions restarting at each (`document_attention`)."""
         expected_dim = 2 if self.stage.is_first else 3
         if inputs.dim() != expected_dim:
             what = "input_ids (batch, seq)" if self.stage.is_first else "hidden states (batch, seq, hidden)"
@@ -291,7 +307,7 @@ class MLATransformer(nn.Module):
             raise ValueError(
                 f"sequence length {inputs.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
-        hidden = self.model(inputs)
+        hidden = self.model(inputs, document_ids)
         if not self.stage.is_last:
             return hidden
         return self.head(hidden, gather_output)
@@ -313,12 +329,20 @@ class MLATransformer(nn.Module):
             logits = gather_from_group(logits, -1, self.group).narrow(-1, 0, self.config.vocab_size)
         return logits
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        reduction: str = "mean",
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored.
-        (Last stage only; `inputs` as for `forward`.) Plus the MoE layers' auxiliary balance loss when
-        training with `aux_loss_alpha` > 0 (whole model on one stage only)."""
+        "mean" is over the counted targets (0 when there are none). (Last stage only; `inputs` and
+        `document_ids` as for `forward`.) Plus the MoE layers' auxiliary balance loss when training with
+        `aux_loss_alpha` > 0 (whole model on one stage only)."""
         if not self.stage.is_last:
             raise RuntimeError("loss() is only defined on the last pipeline stage")
-        loss = vocab_parallel_cross_entropy(self(inputs), targets, self.group, reduction=reduction)
+        logits = self(inputs, document_ids=document_ids)
+        loss = vocab_parallel_cross_entropy(logits, targets, self.group, reduction=reduction)
         balance = aux_loss(self)  # MoE balance loss of this forward (training with aux_loss_alpha > 0)
         return loss if balance is None else loss + balance

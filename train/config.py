@@ -15,9 +15,7 @@ YAML is read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rul
 
 from __future__ import annotations
 
-import difflib
 import typing
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,20 +26,20 @@ import yaml
 from models.config import MLAConfig
 from train.config_rules import (
     BOOL_ALIASES,
-    DEPRECATED_KEYS,
     INVALID,
     RULES,
+    ConfigError,
     YamlDumper,
     YamlLoader,
+    _warned_deprecated,  # noqa: F401  (tests reset the warn-once set)
     convert,
     describe,
+    one_line,
     plain,
+    rename_deprecated,
+    unknown_name,
 )
 from train.schedules import check_curriculum
-
-
-class ConfigError(ValueError):
-    """A bad config file, override, key or value; the message is one line naming the dotted key."""
 
 
 @dataclass
@@ -64,11 +62,42 @@ class DataConfig:
     cache_dir: str = ".cache/mla-parallel"
     """Folder of the tokenizer and the memory-mapped token files (`train.bin`, `val.bin` + JSON sidecars);
     shared by every rank."""
-    max_corpus_mb: float | None = 4.0
-    """Cap on the corpus size, in MiB (> 0; null: everything)."""
+    max_corpus_mb: float | None = None
+    """Cap on the corpus size, in MiB (> 0; null: everything, except `stdlib`, which keeps 4 MiB)."""
     val_fraction: float = 0.05
     """Fraction of the documents held out for validation, spread over the corpus and never trained on;
     in (0, 0.5]."""
+    format: str = "auto"
+    """How corpus files are read: `text` (a file is a document), `jsonl` (a JSON object per line, the
+    document in `data.text_field`), `chat` (`messages: [{role, content}]`, loss on assistant turns only),
+    `instruction` (`data.prompt_field` + `data.completion_field`, loss on the completion only); `auto`:
+    `.jsonl`/`.json` files are `jsonl`, others `text`."""
+    text_field: str = "text"
+    """The JSON field holding a `jsonl` record's document."""
+    prompt_field: str = "prompt"
+    """The JSON field holding an `instruction` record's prompt (not trained on)."""
+    completion_field: str = "completion"
+    """The JSON field holding an `instruction` record's completion (trained on)."""
+    chat_template: str | None = None
+    """A `.jinja` chat template file, or `builtin`; null: the tokenizer folder's `tokenizer_config.json`
+    `chat_template` if any, else the built-in one (docs/data.md)."""
+    on_bad_record: str = "error"
+    """A malformed JSONL line: `error` (stop, naming file and line) or `skip` (count it in the log)."""
+    packing: bool = True
+    """Concatenate documents into `seq_len` windows; false: one document per row, truncated or padded
+    (padding ignored by the loss)."""
+    document_masking: bool | None = None
+    """Attention never crosses a document boundary and RoPE positions restart per document; null: on
+    for record formats (`jsonl`, `chat`, `instruction`) and mixtures, off for plain `text` corpora (whose
+    random windows are then as before)."""
+    mixture: list[dict[str, Any]] | None = None
+    """Sources drawn from in proportion to their weight: a list of `{corpus, format, weight}` (format
+    optional, default `data.format`); replaces `data.corpus`. The tokenizer is the first source's."""
+    val_corpus: str | None = None
+    """A separate validation corpus (same format rules); null: held-out documents of each source."""
+    num_workers: int = 0
+    """Processes that tokenize record corpora (0: in the building process; `tokenizers` itself also uses
+    threads)."""
 
 
 @dataclass
@@ -237,34 +266,6 @@ SECTION_NAMES = ["model", *SECTIONS]
 MODEL_EXTRA_KEYS: dict[str, Any] = {"pretrained": str | None}
 OVERRIDE_FORM = "expected section.key=value, e.g. train.steps=10 or model.rope_scaling.factor=4"
 
-_warned_deprecated: set[str] = set()
-
-
-def _rename_deprecated(name: str, raw: dict) -> dict:
-    """`raw` with deprecated keys renamed to their new names (warning once; both given is an error)."""
-    renamed = dict(raw)
-    for old, new in DEPRECATED_KEYS.get(name, {}).items():
-        if old not in renamed:
-            continue
-        if new in renamed:
-            raise ConfigError(f"{name}.{old}: deprecated alias of {name}.{new}; give only {name}.{new}")
-        if old not in _warned_deprecated:
-            _warned_deprecated.add(old)
-            warnings.warn(f"{name}.{old} is deprecated: use {name}.{new}", FutureWarning, stacklevel=2)
-        renamed[new] = renamed.pop(old)
-    return renamed
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
-
-
-def _unknown(kind: str, prefix: str, name: Any, valid: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    listing = ", ".join(prefix + v for v in valid)
-    return ConfigError(f"unknown {kind} {prefix + str(name)!r}{hint}; valid {kind}s: {listing}")
-
 
 def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]:
     """The typed, range-checked values of one section (only the keys present in `raw`)."""
@@ -273,9 +274,9 @@ def _check_section(name: str, raw: Any, hints: dict[str, Any]) -> dict[str, Any]
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}={raw!r}: expected a mapping of keys")
     values = {}
-    for key, value in _rename_deprecated(name, raw).items():
+    for key, value in rename_deprecated(name, raw).items():
         if key not in hints:
-            raise _unknown("key", f"{name}.", key, list(hints))
+            raise unknown_name("key", f"{name}.", key, list(hints))
         dotted = f"{name}.{key}"
         if isinstance(value, bool) and dotted in BOOL_ALIASES:
             value = BOOL_ALIASES[dotted][value]
@@ -296,7 +297,7 @@ def _check_model(raw: Any) -> dict[str, Any]:
     try:
         MLAConfig(**shape)
     except (TypeError, ValueError) as err:
-        message = _one_line(err)
+        message = one_line(err)
         if not message.startswith("model."):
             # only a malformed value inside rope_scaling fails before MLAConfig can name it
             message = f"model.rope_scaling={shape.get('rope_scaling')!r}: {message}"
@@ -310,7 +311,7 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"config={raw!r}: expected a mapping of sections ({', '.join(SECTION_NAMES)})")
     for name in raw:
         if name not in SECTION_NAMES:
-            raise _unknown("section", "", name, SECTION_NAMES)
+            raise unknown_name("section", "", name, SECTION_NAMES)
     sections = {
         name: cls(**_check_section(name, raw.get(name), typing.get_type_hints(cls)))
         for name, cls in SECTIONS.items()
@@ -341,7 +342,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}': invalid YAML ({_one_line(err)})") from None
+        raise ConfigError(f"config file '{path}': invalid YAML ({one_line(err)})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -363,7 +364,7 @@ def apply_override(raw: dict, override: str) -> None:
     try:
         value = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)})") from None
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({one_line(err)})") from None
     node = raw
     for depth, key in enumerate(parts[:-1]):
         if node.get(key) is None:

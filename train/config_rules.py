@@ -7,13 +7,20 @@ read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rules make 
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, override, key or value; the message is one line naming the dotted key."""
+
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -28,12 +35,32 @@ def _at_least(low: int) -> Rule:
 
 _POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
 
+
+def _mixture_entry(entry: dict) -> bool:
+    weight = entry.get("weight", 1.0)
+    return (
+        set(entry) <= {"corpus", "format", "weight"}
+        and isinstance(entry.get("corpus"), str)
+        and entry.get("format", "auto") in ("auto", "text", "jsonl", "chat", "instruction")
+        and isinstance(weight, (int, float))
+        and not isinstance(weight, bool)
+        and weight > 0
+    )
+
+
 # Checked on user-set values that are not null (the defaults already satisfy them).
 RULES: dict[str, Rule] = {
     "data.vocab_size": _at_least(1),
     "data.seq_len": _at_least(1),
     "data.max_corpus_mb": _POSITIVE,
     "data.val_fraction": ((lambda v: 0 < v <= 0.5), "a value in (0, 0.5]"),
+    "data.format": _one_of("auto", "text", "jsonl", "chat", "instruction"),
+    "data.on_bad_record": _one_of("error", "skip"),
+    "data.num_workers": _at_least(0),
+    "data.mixture": (
+        (lambda v: len(v) > 0 and all(_mixture_entry(e) for e in v)),
+        "a non-empty list of {corpus: path, format: optional, weight: number > 0}",
+    ),
     "distributed.backend": _one_of("auto", "gloo", "nccl"),
     "distributed.dp": _at_least(1),
     "distributed.tp": _at_least(1),
@@ -163,7 +190,7 @@ def describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
         return f"{describe(inner)} or null"
-    plural = {int: "integers", float: "numbers", str: "strings"}
+    plural = {int: "integers", float: "numbers", str: "strings", dict[str, Any]: "mappings"}
     if origin is tuple:
         return f"a list of {len(args)} {plural[args[0]]}"
     if origin is list:
@@ -173,3 +200,32 @@ def describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, "any value"
     )
+
+
+_warned_deprecated: set[str] = set()
+
+
+def rename_deprecated(name: str, raw: dict) -> dict:
+    """`raw` with deprecated keys renamed to their new names (warning once; both given is an error)."""
+    renamed = dict(raw)
+    for old, new in DEPRECATED_KEYS.get(name, {}).items():
+        if old not in renamed:
+            continue
+        if new in renamed:
+            raise ConfigError(f"{name}.{old}: deprecated alias of {name}.{new}; give only {name}.{new}")
+        if old not in _warned_deprecated:
+            _warned_deprecated.add(old)
+            warnings.warn(f"{name}.{old} is deprecated: use {name}.{new}", FutureWarning, stacklevel=2)
+        renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def unknown_name(kind: str, prefix: str, name: Any, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    listing = ", ".join(prefix + v for v in valid)
+    return ConfigError(f"unknown {kind} {prefix + str(name)!r}{hint}; valid {kind}s: {listing}")

@@ -102,6 +102,12 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
             f"model.aux_loss_alpha={mcfg.aux_loss_alpha} with distributed.pp={dc.pp}: the balance loss is "
             "added on the last stage only, so it needs pp = 1 (or aux_loss_alpha 0 / router_bias_update_rate)"
         )
+    data = config.data
+    if data.mixture is not None and data.corpus != "stdlib":
+        return f"data.corpus={data.corpus!r} with data.mixture: give the corpora in data.mixture only"
+    formats = {data.format, *(e.get("format", data.format) for e in data.mixture or [])}
+    if data.chat_template is not None and not formats & {"chat", "auto"}:
+        return f"data.chat_template={data.chat_template!r}: no source has data.format chat (or auto)"
     if dc.sequence_parallel and config.data.seq_len % (dc.tp or 1):
         return (
             f"data.seq_len={config.data.seq_len}: sequence parallelism splits the sequence over "

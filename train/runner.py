@@ -22,6 +22,7 @@ from parallel.collectives import group_size
 from parallel.data import DataParallel, ZeroOptimizer
 from parallel.pipeline import ModelParts, PipelineExecutor
 from parallel.topology import Topology
+from train.data.batch import TokenBatch
 
 
 class ModelRunner:
@@ -89,38 +90,59 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward of this rank's slice of the global batch, (rows, seq_len + 1) tokens.
+    def train_step(self, batch: TokenBatch | torch.Tensor, loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of this rank's slice of the global batch: a `TokenBatch`, or windows of
+        (rows, seq_len + 1) tokens.
 
-        Leaves dp-averaged gradients in `.grad` and returns this rank's loss share (the mean over its
-        micro-batches; zero on pipeline stages other than the last). Gradients are those of the loss
+        The loss is the sum of the per-token losses over the global count of counted targets (`-100`
+        excluded), whatever the split: micro-batch i of this rank, with n_i counted targets of N in the
+        global batch, contributes mean_i / (N / (n_i * dp)), and dp averages the gradients. With equal
+        counts that divisor is exactly the number of micro-batches, so unmasked runs are unchanged to the
+        bit. Leaves dp-averaged gradients in `.grad` and returns this rank's loss share (zero on pipeline
+        stages other than the last; `reduce_loss` combines the shares). Gradients are those of the loss
         times `loss_scale` (fp16 loss scaling); the returned loss is unscaled."""
         # Always `num_microbatches` equal micro-batches: under a sequence-length curriculum a step may
         # bring L / L_k times more rows of length L_k (tokens per micro-batch unchanged).
-        if batch.shape[0] % self.m:
-            raise ValueError(f"batch of {batch.shape[0]} rows does not split into {self.m} micro-batches")
-        micro = list(batch.split(batch.shape[0] // self.m))
+        masked = isinstance(batch, TokenBatch)
+        batch = TokenBatch.of(batch)
+        micro = batch.split(self.m)
+        divisors = self._loss_divisors(micro, count_globally=masked)
         if not self.pipelined:
             model = self.parts.first
-            total = torch.zeros((), device=batch.device)
+            total = torch.zeros((), device=batch.inputs.device)
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self._no_sync()
                 with sync, self.autocast():
-                    loss = model.loss(mb[:, :-1], mb[:, 1:]) / len(micro)
+                    loss = model.loss(mb.inputs, mb.targets, **mb.extras()) / divisors[i]
                     (loss * loss_scale).backward()
                 total += loss.detach().float()
             return total
         with self._no_sync(), self.autocast():
             total = self.executor.step(
-                [mb[:, :-1] for mb in micro],
-                [mb[:, 1:] for mb in micro],
-                self._activation_shape(micro[0].shape[0], (micro[0].shape[1] - 1) // self.sequence_shards),
+                [mb.inputs for mb in micro],
+                [mb.targets for mb in micro],
+                self._activation_shape(micro[0].rows, micro[0].inputs.shape[1] // self.sequence_shards),
                 self.param_dtype,
-                loss_scale=loss_scale / len(micro),
+                loss_scale=[loss_scale / d for d in divisors],
+                extras=[mb.extras() for mb in micro],
             )
         for sync in self.grad_syncs:
             sync.sync_gradients()
         return total / loss_scale
+
+    def _loss_divisors(self, micro: list[TokenBatch], count_globally: bool) -> list[float]:
+        """N / (n_i * dp) per micro-batch (inf when n_i = 0: that micro-batch's mean is 0 anyway).
+
+        N, the counted targets of the global batch, is summed over dp for masked batches; for plain
+        windows every target counts, so N is known locally."""
+        counts = [mb.counted() for mb in micro]
+        dp = self.topology.dp_size
+        total = sum(counts) * dp
+        if count_globally and dp > 1:
+            n = torch.tensor([sum(counts)], dtype=torch.float64, device=micro[0].inputs.device)
+            dist.all_reduce(n, group=self.topology.dp_group)
+            total = int(n.item())
+        return [total / (c * dp) if c else float("inf") for c in counts]
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Sum the pipeline stages' shares (only the last is non-zero), then average over dp."""
@@ -139,43 +161,46 @@ class ModelRunner:
             chunk.train(mode)
 
     @torch.no_grad()
-    def evaluate(self, windows: np.ndarray) -> float:
-        """Mean next-token loss over the validation windows, split over the dp ranks."""
+    def evaluate(self, windows: np.ndarray | TokenBatch) -> float:
+        """Mean next-token loss over the counted targets of the validation windows, split over dp."""
         topo = self.topology
         self._train_mode(False)
-        mine = np.array_split(windows, topo.dp_size)[topo.dp_rank]
+        data = TokenBatch.of(windows)
+        bounds = np.array_split(np.arange(data.rows), topo.dp_size)[topo.dp_rank]
+        start, stop = (int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else (0, 0)
         totals = torch.zeros(2, dtype=torch.float64, device=topo.device)
         batches = [
-            torch.from_numpy(mine[i : i + self.mbs]).to(topo.device) for i in range(0, len(mine), self.mbs)
+            data.select(i, min(i + self.mbs, stop)).to(topo.device) for i in range(start, stop, self.mbs)
         ]
 
-        def add(batch: torch.Tensor, chunk: MLATransformer, x: torch.Tensor) -> None:
-            targets = batch[:, 1:]
-            loss_sum = chunk.loss(x, targets, reduction="sum").double()
-            totals.add_(torch.stack([loss_sum, torch.tensor(float(targets.numel()), dtype=torch.float64)]))
+        def add(batch: TokenBatch, chunk: MLATransformer, x: torch.Tensor) -> None:
+            loss_sum = chunk.loss(x, batch.targets, reduction="sum", **batch.extras()).double()
+            count = torch.tensor(float(batch.counted()), dtype=torch.float64, device=topo.device)
+            totals.add_(torch.stack([loss_sum, count]))
 
         with self.autocast():
             if self.pipelined:  # full batches in one pass, a smaller last batch in another
                 for same in (
-                    [b for b in batches if len(b) == self.mbs],
-                    [b for b in batches if len(b) < self.mbs],
+                    [b for b in batches if b.rows == self.mbs],
+                    [b for b in batches if b.rows < self.mbs],
                 ):
                     if same:
                         self.executor.forward_only(
-                            [b[:, :-1] for b in same],
-                            self._activation_shape(len(same[0]), self.seq_len),
+                            [b.inputs for b in same],
+                            self._activation_shape(same[0].rows, self.seq_len),
                             self.param_dtype,
                             lambda i, chunk, x, same=same: add(same[i], chunk, x),
+                            extras=[b.extras() for b in same],
                         )
             else:
                 model = self.parts.first
                 for b in batches:
-                    add(b, model, b[:, :-1])
+                    add(b, model, b.inputs)
         for group in (topo.pp_group, topo.dp_group):
             if group_size(group) > 1:
                 dist.all_reduce(totals, group=group)
         self._train_mode(True)
-        return (totals[0] / totals[1]).item()
+        return (totals[0] / totals[1].clamp(min=1)).item()
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], new_tokens: int, seed: int) -> list[int]:

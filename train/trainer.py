@@ -34,8 +34,9 @@ from train.build import build_model, build_optimizer, build_runner
 from train.checkpointing import Checkpointer
 from train.config import Config, config_to_dict, dump_config
 from train.context import RunContext
-from train.data import BatchSampler, prepare_dataset, validation_windows
-from train.data.tokenizer import pretrained_eos_id, resolve_tokenizer
+from train.data.batch import TokenBatch
+from train.data.loading import load_training_data
+from train.data.tokenizer import resolve_tokenizer
 from train.faults import FaultPlan, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
 from train.hf_folder import write_hf_folder
@@ -72,27 +73,11 @@ class Trainer:
         topo, tc = context.topology, config.train
         random.seed(tc.seed)
         np.random.seed(tc.seed)
-        self.dataset = prepare_dataset(
-            config.data.corpus,
-            tokenizer=config.data.tokenizer,
-            eos_token=config.data.eos_token,
-            model_eos_id=pretrained_eos_id(pretrained),
-            vocab_size=config.data.vocab_size,
-            cache_dir=config.data.cache_dir,
-            max_corpus_mb=config.data.max_corpus_mb,
-            val_fraction=config.data.val_fraction,
-            is_builder=topo.local_rank == 0,
-            barrier=context.barrier,
-            log=context.log,
-        )
+        data = load_training_data(config, topo.local_rank == 0, context.barrier, context.log)
+        self.dataset, self.sampler, self.val_windows = data.dataset, data.sampler, data.validation
         self.mcfg = model_config(config, self.dataset.vocab_size)
         self.layout = Layout.resolve(config, self.mcfg, topo.dp_size, topo.tp_size)
         check_tokens(self.mcfg, self.dataset)
-        seq_len = config.data.seq_len
-        self.sampler = BatchSampler(self.dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
-        self.val_windows = validation_windows(
-            self.dataset.val_tokens, seq_len, tc.eval_batches * tc.global_batch_size
-        )
         self.parts = build_model(config, self.mcfg, topo)
         self.optimizer = build_optimizer(self.parts, config, topo)
         self.zero = self.optimizer if isinstance(self.optimizer, ZeroOptimizer) else None
@@ -181,8 +166,11 @@ class Trainer:
         rows = self.sampler.local_batch(
             step, topo.dp_rank, topo.dp_size, seq_len=step_len, batch_size=step_rows
         )
-        batch = torch.from_numpy(rows)
-        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+        if isinstance(rows, TokenBatch):  # ignored targets and document ids (train/data/packing.py)
+            batch = rows.to(device)
+        else:
+            batch = torch.from_numpy(rows)
+            batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
         if self.scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
             loss = self.recovery.train_step(step + 1, batch)
         else:

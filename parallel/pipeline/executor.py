@@ -114,10 +114,17 @@ class PipelineExecutor:
         targets: Sequence[torch.Tensor],
         activation_shape: torch.Size | tuple[int, ...],
         dtype: torch.dtype,
-        loss_scale: float = 1.0,
+        loss_scale: float | Sequence[float] = 1.0,
+        extras: Sequence[dict] | None = None,
     ) -> torch.Tensor:
         """Forward and backward of all micro-batches. Returns the sum of the scaled micro-batch losses
-        on the last stage (zero elsewhere); gradients are left in `.grad`."""
+        on the last stage (zero elsewhere); gradients are left in `.grad`.
+
+        `loss_scale` is one factor for every micro-batch or one per micro-batch (weights of a loss
+        normalised over the whole batch). `extras[i]`, when given, are keyword arguments for every
+        chunk's forward and loss on micro-batch i (e.g. `document_ids`)."""
+        scales = [loss_scale] * len(inputs) if isinstance(loss_scale, (int, float)) else list(loss_scale)
+        extras = [{}] * len(inputs) if extras is None else extras
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         total = torch.zeros((), device=self.topology.device)
         self.compute_seconds = 0.0  # time spent computing (not waiting), for bubble measurements
@@ -135,10 +142,10 @@ class PipelineExecutor:
                 recording = self.store.recording() if self.store is not None else _null()
                 with recording:
                     if s == self.num_stages - 1:
-                        out = chunk.loss(x, targets[i]) * loss_scale
+                        out = chunk.loss(x, targets[i], **extras[i]) * scales[i]
                         total += out.detach().float()
                     else:
-                        out = chunk(x)
+                        out = chunk(x, **extras[i])
                         self._send(out.detach(), s + 1, self._tag(ACTIVATION, i, s))
                 self.compute_seconds += time.perf_counter() - started
                 saved[(i, s)] = (x if s > 0 else None, out)
@@ -171,9 +178,12 @@ class PipelineExecutor:
         activation_shape: torch.Size | tuple[int, ...],
         dtype: torch.dtype,
         last_stage: Callable[[int, nn.Module, torch.Tensor], None],
+        extras: Sequence[dict] | None = None,
     ) -> None:
         """Every micro-batch through the pipeline without gradients; on the last stage
-        `last_stage(i, chunk, x)` consumes the input of the final chunk (e.g. computes a loss)."""
+        `last_stage(i, chunk, x)` consumes the input of the final chunk (e.g. computes a loss).
+        `extras[i]`: keyword arguments for the other chunks' forward, as in `step`."""
+        extras = [{}] * len(inputs) if extras is None else extras
         for action in schedule_forward_only(self.p, len(inputs), self.v)[self.topology.pp_rank]:
             i, s = action.microbatch, action.stage
             if s == 0:
@@ -184,7 +194,7 @@ class PipelineExecutor:
             if s == self.num_stages - 1:
                 last_stage(i, self.chunks[s], x)
             else:
-                self._send(self.chunks[s](x), s + 1, self._tag(ACTIVATION, i, s))
+                self._send(self.chunks[s](x, **extras[i]), s + 1, self._tag(ACTIVATION, i, s))
         self._finish_sends()
 
 

@@ -1,8 +1,10 @@
 """Token files: the corpus tokenized once into ``train.bin`` / ``val.bin`` and memory-mapped by every rank.
 
 Each document is followed by ``<|endoftext|>``; the files are uint16 (uint32 above 65,536 tokens) with a
-JSON sidecar each (dtype, vocabulary, counts), in ``cache_dir/<key>/`` with the tokenizer. The key is a
-SHA-256 over what determines the tokens, so a changed corpus or setting builds a new folder.
+JSON sidecar each (dtype, vocabulary, counts), in ``cache_dir/<key>/`` with the tokenizer. Record formats
+(``train/data/formats.py``) are encoded by ``train/data/documents.py`` and may add ``{split}.mask.bin``
+(1 where a token is a counted target). The key is a SHA-256 over what determines the tokens (the files'
+contents, the format settings, the tokenizer), so a changed corpus or setting builds a new folder.
 """
 
 from __future__ import annotations
@@ -20,11 +22,28 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
+from train.data.chat import ChatTemplate
+from train.data.documents import encoded_documents, record_texts, write_record_splits
+from train.data.formats import FormatSpec, resolve_format
+from train.data.shards import open_split
 from train.data.sources import MIB, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, special_tokens, tokenizer_config, train_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+STDLIB_DEFAULT_MB = 4.0  # the built-in corpus is capped even when data.max_corpus_mb is null
 _ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class RecordSetup:
+    """How record corpora are read: the format settings, the chat template and the encoding workers."""
+
+    spec: FormatSpec
+    template: ChatTemplate
+    workers: int = 0
+
+    def key(self) -> dict:
+        return {**self.spec.__dict__, "chat_template": self.template.source}
 
 
 @dataclass
@@ -39,6 +58,18 @@ class Dataset:
     max_token_id: int
     bos_id: int | None = None
     tokenizer_file: str | None = None  # the cached copy of the tokenizer.json
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
+    folder: Path | None = None
+    records: bool = False  # read as records (jsonl, chat, instruction): documents are records
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MIB):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_key(
@@ -47,11 +78,13 @@ def _cache_key(
     tokenizer_sha256: str | None,
     max_corpus_mb: float | None,
     val_fraction: float,
+    records: dict | None = None,
 ) -> str:
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    contents = [(str(p), _file_sha256(p)) for p in files]
     spec = {
         "format_version": FORMAT_VERSION,
-        "files": stats,
+        "records": records,
+        "files": contents,
         "vocab_size": vocab_size,
         "tokenizer_sha256": tokenizer_sha256,
         "max_corpus_mb": max_corpus_mb,
@@ -99,6 +132,7 @@ def _build(
     val_fraction: float,
     log: Callable[[str], None],
     eos: tuple[str | None, int | None] = (None, None),
+    records: RecordSetup | None = None,
 ) -> None:
     """Build the cache in a temporary folder next to ``folder`` and rename it into place."""
     start = time.perf_counter()
@@ -109,7 +143,10 @@ def _build(
     try:
         if given is None:
             log(f"data: training byte-level BPE tokenizer (vocab_size={vocab_size})")
-            tok = train_tokenizer((read_text(p) for p in files), vocab_size)
+            texts = (read_text(p) for p in files)
+            if records is not None:
+                texts = record_texts(files, records.spec, records.template)
+            tok = train_tokenizer(texts, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
         else:
             tok = given
@@ -126,27 +163,19 @@ def _build(
             "bos_id": bos_id,
         }
         n_docs = len(files)
-        log(f"data: tokenizing {n_docs} documents (vocab {tok.get_vocab_size()})")
-        if n_docs == 1:
-            ids = next(_encode_documents(tok, files, eot_id, bos_id))
-            cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
-            n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
-            n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
+        log(f"data: tokenizing {n_docs} files (vocab {tok.get_vocab_size()})")
+        if records is not None:
+            docs, stats = encoded_documents(
+                files,
+                records.spec,
+                records.template,
+                str(tmp / "tokenizer.json"),
+                (eot_id, bos_id),
+                records.workers,
+            )
+            n_train, n_val = write_record_splits(tmp, docs, stats, info, val_fraction, log)
         else:
-            n_val_docs = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
-            # Spread the held-out documents evenly over the corpus so validation sees every kind of text.
-            val_index = {int((j + 0.5) * n_docs / n_val_docs) for j in range(n_val_docs)}
-            head = [p for i, p in enumerate(files) if i not in val_index]
-            tail = [p for i, p in enumerate(files) if i in val_index]
-            n_train = _write_split(
-                tmp,
-                "train",
-                _encode_documents(tok, head, eot_id, bos_id),
-                {**info, "num_documents": len(head)},
-            )
-            n_val = _write_split(
-                tmp, "val", _encode_documents(tok, tail, eot_id, bos_id), {**info, "num_documents": len(tail)}
-            )
+            n_train, n_val = _write_text_splits(tmp, tok, files, info, (eot_id, bos_id), val_fraction)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
             os.replace(tmp, folder)
@@ -161,13 +190,50 @@ def _build(
     log(f"data: wrote {n_train} train + {n_val} val tokens ({info['dtype']}) in {seconds:.1f}s")
 
 
+def _write_text_splits(
+    tmp: Path,
+    tok: tokenizers.Tokenizer,
+    files: list[Path],
+    info: dict,
+    separators: tuple[int, int | None],
+    val_fraction: float,
+) -> tuple[int, int]:
+    """Plain-text documents (one per file) into the train and val token files: (train, val) tokens.
+
+    One file: its tail is the validation split. Several: ``val_fraction`` of the files, spread evenly."""
+    eot_id, bos_id = separators
+    n_docs = len(files)
+    if n_docs == 1:
+        ids = next(_encode_documents(tok, files, eot_id, bos_id))
+        cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
+        n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
+        return n_train, _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
+    n_val_docs = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
+    # Spread the held-out documents evenly over the corpus so validation sees every kind of text.
+    val_index = {int((j + 0.5) * n_docs / n_val_docs) for j in range(n_val_docs)}
+    head = [p for i, p in enumerate(files) if i not in val_index]
+    tail = [p for i, p in enumerate(files) if i in val_index]
+    n_train = _write_split(
+        tmp, "train", _encode_documents(tok, head, eot_id, bos_id), {**info, "num_documents": len(head)}
+    )
+    n_val = _write_split(
+        tmp, "val", _encode_documents(tok, tail, eot_id, bos_id), {**info, "num_documents": len(tail)}
+    )
+    return n_train, n_val
+
+
 def _load(folder: Path) -> Dataset:
     tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    splits, sidecars = [], []
+    splits, masks, sidecars = [], [], []
     for split in ("train", "val"):
         sidecar = json.loads((folder / f"{split}.json").read_text())
         shape = (sidecar["num_tokens"],)
-        splits.append(np.memmap(folder / f"{split}.bin", dtype=sidecar["dtype"], mode="r", shape=shape))
+        if "shards" in sidecar:  # record corpora (train/data/documents.py)
+            splits.append(open_split(folder, split, sidecar, mask=False))
+            masks.append(open_split(folder, split, sidecar, mask=True))
+        else:
+            splits.append(np.memmap(folder / f"{split}.bin", dtype=sidecar["dtype"], mode="r", shape=shape))
+            masks.append(None)
         sidecars.append(sidecar)
     return Dataset(
         tokenizer=tok,
@@ -178,6 +244,10 @@ def _load(folder: Path) -> Dataset:
         max_token_id=max(s["max_token_id"] for s in sidecars),
         bos_id=sidecars[0].get("bos_id"),
         tokenizer_file=str(folder / "tokenizer.json"),
+        train_mask=masks[0],
+        val_mask=masks[1],
+        folder=folder,
+        records=bool(sidecars[0].get("records")),
     )
 
 
@@ -194,6 +264,9 @@ def prepare_dataset(
     log: Callable[[str], None] = print,
     eos_token: str | None = None,
     model_eos_id: int | None = None,
+    spec: FormatSpec | None = None,
+    chat_template: str | None = None,
+    workers: int = 0,
 ) -> Dataset:
     """Tokenize ``corpus`` once into ``cache_dir`` and memory-map it; every rank of a job calls this.
 
@@ -203,8 +276,13 @@ def prepare_dataset(
     ``barrier()`` exactly once, also when this call fails, so ranks never diverge; then every rank loads
     it. Documents end with the end token and start with the begin token when the tokenizer adds one
     (`special_tokens`, from ``eos_token`` and ``model_eos_id`` too). The validation split is
-    ``val_fraction`` of the documents, spread evenly over the corpus (at least one each
-    side), or the tail of the tokens when there is a single document.
+    ``val_fraction`` of the documents, spread evenly over the corpus (at least one each side), or the
+    tail of the tokens when there is a single document.
+
+    ``spec`` (default: ``auto`` format) says how files are read: when any file is a record format
+    (``jsonl``, ``chat``, ``instruction``), every record is a document (``train/data/documents.py``),
+    encoded by ``workers`` processes, and ``chat_template`` picks the chat template (``ChatTemplate``).
+    ``max_corpus_mb=None`` takes everything, except the built-in ``stdlib`` corpus (4 MiB).
     """
     try:
         if not 0 < val_fraction < 1:
@@ -216,18 +294,34 @@ def prepare_dataset(
             )  # bad special tokens: fail on every rank
         if given is None and vocab_size < 256 + 1:
             raise ValueError(f"data.vocab_size={vocab_size}: must be >= 257 (256 byte tokens + {EOT})")
+        if max_corpus_mb is None and corpus == "stdlib":
+            max_corpus_mb = STDLIB_DEFAULT_MB
         files = corpus_files(corpus, max_corpus_mb)
+        spec = spec or FormatSpec()
+        records = None
+        if any(resolve_format(p, spec.format) != "text" for p in files):
+            records = RecordSetup(spec, ChatTemplate.resolve(chat_template, tokenizer), workers)
         tok_sha = None if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
         choices = [eos_token, model_eos_id, tokenizer_config(tokenizer)]
         if any(choices):  # the end and begin tokens change the token stream (default: the key as before)
             tok_sha = f"{tok_sha}:{json.dumps(choices, sort_keys=True)}"
-        key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction)
+        rkey = None if records is None else records.key()
+        key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction, rkey)
         folder = Path(cache_dir) / key[:16]
         if _is_complete(folder):
             log(f"data: cache hit {folder}")
         elif is_builder:
             _build(
-                folder, key, files, given, tokenizer, vocab_size, val_fraction, log, (eos_token, model_eos_id)
+                folder,
+                key,
+                files,
+                given,
+                tokenizer,
+                vocab_size,
+                val_fraction,
+                log,
+                (eos_token, model_eos_id),
+                records,
             )
     finally:
         barrier()
