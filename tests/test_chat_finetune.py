@@ -9,6 +9,7 @@ import torch
 from models import MLAConfig, MLATransformer
 from models.deepseek import save_pretrained
 from train.config import load_config
+from train.data.tokenizer import train_tokenizer
 from train.trainer import train_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +31,15 @@ def test_chat_qlora_example_config_runs(tmp_path):
         max_seq_len=64,
     )
     save_pretrained(MLATransformer(base), tmp_path / "base")
+    # the base folder ships its tokenizer, as a downloaded one does (<= 300 tokens, within the 320 rows)
+    chat = ROOT / "examples" / "data" / "chat.jsonl"
+    texts = (m["content"] for line in chat.read_text().splitlines() for m in json.loads(line)["messages"])
+    train_tokenizer(texts, vocab_size=300).save(str(tmp_path / "base" / "tokenizer.json"))
     config = load_config(
         str(ROOT / "examples" / "configs" / "chat-qlora.yaml"),
         [
             f"model.pretrained={tmp_path / 'base'}",
-            "data.tokenizer=null",  # trained on the chat corpus (<= 300 tokens, within the 320 rows)
-            "data.vocab_size=300",
+            "data.tokenizer=null",  # the pretrained folder's own
             f"data.corpus={ROOT / 'examples' / 'data' / 'chat.jsonl'}",
             "data.seq_len=32",
             f"data.cache_dir={tmp_path / 'cache'}",
