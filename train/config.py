@@ -189,6 +189,23 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Per-device dense 16-bit peak for MFU, in TFLOP/s (> 0; null: the detected GPU preset's, no MFU on
     CPU)."""
+    async_save: bool = False
+    """Save checkpoints in the background: the step waits only for the copy of the state to host memory;
+    writing, checksums and the atomic rename run in a thread (a second save waits for the first)."""
+    wandb: dict[str, str] | None = None
+    """Weights & Biases tracking from rank 0 (needs the `wandb` extra): a mapping of `project`, `name`,
+    `entity`, `mode` (`online`, `offline`, `disabled`); the run id is kept in checkpoints and reused on
+    resume; null: off."""
+    tensorboard: bool = False
+    """TensorBoard event files of every metrics record under `out_dir/tensorboard/` (rank 0; needs the
+    `tensorboard` extra)."""
+    profile_steps: list[int] | None = None
+    """`[first, last]` (1-based, inclusive): torch.profiler Chrome traces of these steps per rank under
+    `out_dir/profile/` (plus a CUDA memory snapshot on GPU); null: off."""
+    time_breakdown: bool = True
+    """Step-time breakdown in the metrics (`time_data_s`, `time_compute_s`, `time_comm_s`,
+    `time_optimizer_s`, `time_checkpoint_s`, `time_step_s`); on CUDA it synchronizes the device at phase
+    boundaries (false: off)."""
 
 
 @dataclass
