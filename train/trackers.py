@@ -67,7 +67,8 @@ class Trackers:
             return start()
         except Exception as error:  # a tracker is never worth a crashed run
             message = " ".join(str(error).split())[:200]
-            warn(f"{name} tracking is off: could not start it ({type(error).__name__}: {message})")
+            hint = f"; pip install 'mla-parallel[{name}]'" if isinstance(error, ImportError) else ""
+            warn(f"{name} tracking is off: could not start it ({type(error).__name__}: {message}){hint}")
             return None
 
     @staticmethod
@@ -79,7 +80,7 @@ class Trackers:
             project=settings.get("project"),
             name=settings.get("name"),
             entity=settings.get("entity"),
-            mode=settings.get("mode", "online"),
+            mode=settings.get("mode"),  # unset: WANDB_MODE, else online
             dir=str(out_dir),
             id=run_id or secrets.token_hex(4),
             resume="allow",
