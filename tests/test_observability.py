@@ -179,3 +179,23 @@ def test_trackers_only_on_rank_0_and_only_numbers(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     step, values = scalars({"step": 3, "split": "val", "loss": 2.0, "perplexity": 7.4, "note": "x"})
     assert (step, values) == (3, {"val/loss": 2.0, "val/perplexity": 7.4})
+
+
+def test_progress_line_prints_percent_and_the_last_line_once(monkeypatch):
+    import io
+
+    from train.progress import Progress
+
+    clock = iter([0.0, 0.5, 2.5, 3.0, 4.0, 9.0])  # start, then one reading per set() / close()
+    monkeypatch.setattr("train.progress.time.perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    progress = Progress("data: tokenizing", 8 * 2**20, "MiB", scale=2**20, stream=out)
+    progress.update(2**20)  # 0.5 s: too soon, nothing printed
+    progress.update(2**20)  # 2.5 s: printed
+    progress.update(2**20)  # 3.0 s: too soon after the last line
+    progress.track(8 * 2**20, 8 * 2**20)  # 4.0 s: too soon; `track` sets done and total
+    progress.close()  # 9.0 s: the final line
+    assert out.getvalue().splitlines() == [
+        "data: tokenizing: 25% (2/8 MiB), 2 s, about 8 s left",
+        "data: tokenizing: 100% (8/8 MiB), 9 s",
+    ]

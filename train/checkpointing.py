@@ -40,6 +40,7 @@ from parallel.pipeline import ModelParts
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
 from train.faults import FaultPlan
+from train.progress import Progress
 
 
 @dataclass
@@ -117,7 +118,11 @@ class Checkpointer:
         if path is None:
             context.log(f"resume: no checkpoint in {self.root}, starting from step 0")
             return None
-        info = checkpoint.load(path, self.parts, self.optimizer, topology=context.topology)
+        progress = Progress(f"loading {path}", 1, "tensors", enabled=context.is_main)
+        info = checkpoint.load(
+            path, self.parts, self.optimizer, topology=context.topology, progress=progress.track
+        )
+        progress.close()
         state = info["state"] or {}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])

@@ -8,9 +8,8 @@ every mistake raises a one-line `ConfigError` that names the dotted key, the val
 Each field's docstring is its entry in the configuration reference (`python -m train.config_reference`).
 
 The `model` section keeps only the keys the user set (any `MLAConfig` field, plus `pretrained`); the
-trainer merges them with the `MLAConfig` defaults and the tokenizer's vocabulary size.
-
-YAML is read as YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rules make it a string).
+trainer merges them with the `MLAConfig` defaults and the tokenizer's vocabulary size. YAML is read as
+YAML 1.2 reads numbers: `1e-8` is a float (PyYAML's YAML 1.1 rules make it a string).
 """
 
 from __future__ import annotations
@@ -190,22 +189,15 @@ class TrainConfig:
     """Per-device dense 16-bit peak for MFU, in TFLOP/s (> 0; null: the detected GPU preset's, no MFU on
     CPU)."""
     async_save: bool = False
-    """Save checkpoints in the background: the step waits only for the copy of the state to host memory;
-    writing, checksums and the atomic rename run in a thread (a second save waits for the first)."""
+    """Write checkpoints in a background thread; the step waits only for the copy to host memory."""
     wandb: dict[str, str] | None = None
-    """Weights & Biases tracking from rank 0 (needs the `wandb` extra): a mapping of `project`, `name`,
-    `entity`, `mode` (`online`, `offline`, `disabled`); the run id is kept in checkpoints and reused on
-    resume; null: off."""
+    """W&B tracking (rank 0): {project, name, entity, mode: online|offline|disabled}; id kept on resume."""
     tensorboard: bool = False
-    """TensorBoard event files of every metrics record under `out_dir/tensorboard/` (rank 0; needs the
-    `tensorboard` extra)."""
+    """TensorBoard event files of every metrics record under `out_dir/tensorboard/` (rank 0)."""
     profile_steps: list[int] | None = None
-    """`[first, last]` (1-based, inclusive): torch.profiler Chrome traces of these steps per rank under
-    `out_dir/profile/` (plus a CUDA memory snapshot on GPU); null: off."""
+    """`[first, last]` steps (1-based) traced by torch.profiler into `out_dir/profile/`; null: off."""
     time_breakdown: bool = True
-    """Step-time breakdown in the metrics (`time_data_s`, `time_compute_s`, `time_comm_s`,
-    `time_optimizer_s`, `time_checkpoint_s`, `time_step_s`); on CUDA it synchronizes the device at phase
-    boundaries (false: off)."""
+    """Step-time breakdown (`time_*_s`) in the metrics; on CUDA it syncs the device at phase boundaries."""
 
 
 @dataclass

@@ -42,12 +42,8 @@ COLLECTIVES = (
     "broadcast",
     "broadcast_object_list",
     "barrier",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
     "batch_isend_irecv",
-)
+)  # not isend/irecv themselves: P2POp checks that it is given those very functions
 PHASES = ("data", "compute", "comm", "optimizer", "checkpoint")
 
 

@@ -314,20 +314,21 @@ def load(
     *,
     topology: Topology | None = None,
     restore_rng: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Load a checkpoint written under any layout into this rank's model chunks (and optimizer).
 
     Parameters take the fp32 master weights when the checkpoint has them. The optimizer gets its state
     re-cut for this layout (left fresh when the checkpoint has none). Not collective. Does not check the
-    SHA-256 sums (`verify` does). Returns {"step", "tokens", "config", "state", "layout", "rank_state"
-    (this rank's, or None under another layout), "same_layout"}; RNG states are restored when
-    `restore_rng` and the layout is the same.
+    SHA-256 sums (`verify` does); `progress(done, total)` follows the tensors read. Returns {"step",
+    "tokens", "config", "state", "layout", "rank_state" (this rank's, or None under another layout),
+    "same_layout"}; RNG states are restored when `restore_rng` and the layout is the same.
     """
     topology = topology or Topology(ParallelDims())
     reader = SliceReader(Path(directory), read_manifest(directory))
     chunks = ModelParts.of(model).chunks
     manifest = reader.manifest
-    restore(reader, chunks, optimizer, topology.tp_rank)
+    restore(reader, chunks, optimizer, topology.tp_rank, progress)
     saved = manifest["layout"]
     current = _layout(topology, chunks, optimizer)
     same = all(saved[k] == current[k] for k in ("world_size", "dp", "tp", "pp"))

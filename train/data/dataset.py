@@ -22,6 +22,7 @@ import tokenizers
 
 from train.data.sources import MIB, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, train_tokenizer
+from train.progress import Progress
 
 FORMAT_VERSION = 2
 _ENCODE_BATCH = 64
@@ -62,12 +63,16 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "train.json").is_file() and (folder / "val.json").is_file()
 
 
-def _encode_documents(tok: tokenizers.Tokenizer, files: list[Path], eot_id: int) -> Iterator[np.ndarray]:
+def _encode_documents(
+    tok: tokenizers.Tokenizer, files: list[Path], eot_id: int, progress: Progress | None = None
+) -> Iterator[np.ndarray]:
     """Each document's token ids followed by ``eot_id``; ``<|endoftext|>`` inside a text is plain text."""
     for i in range(0, len(files), _ENCODE_BATCH):
         texts = [read_text(p) for p in files[i : i + _ENCODE_BATCH]]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
             yield np.array([*enc.ids, eot_id], dtype=np.int64)
+        if progress is not None:
+            progress.update(sum(p.stat().st_size for p in files[i : i + _ENCODE_BATCH]))
 
 
 def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dict) -> int:
@@ -118,6 +123,7 @@ def _build(
         }
         n_docs = len(files)
         log(f"data: tokenizing {n_docs} documents (vocab {tok.get_vocab_size()})")
+        progress = Progress("data: tokenizing", mib * MIB, "MiB", scale=MIB)
         if n_docs == 1:
             ids = next(_encode_documents(tok, files, eot_id))
             cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
@@ -130,11 +136,18 @@ def _build(
             head = [p for i, p in enumerate(files) if i not in val_index]
             tail = [p for i, p in enumerate(files) if i in val_index]
             n_train = _write_split(
-                tmp, "train", _encode_documents(tok, head, eot_id), {**info, "num_documents": len(head)}
+                tmp,
+                "train",
+                _encode_documents(tok, head, eot_id, progress),
+                {**info, "num_documents": len(head)},
             )
             n_val = _write_split(
-                tmp, "val", _encode_documents(tok, tail, eot_id), {**info, "num_documents": len(tail)}
+                tmp,
+                "val",
+                _encode_documents(tok, tail, eot_id, progress),
+                {**info, "num_documents": len(tail)},
             )
+        progress.close()
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
             os.replace(tmp, folder)
