@@ -199,3 +199,40 @@ def test_progress_line_prints_percent_and_the_last_line_once(monkeypatch):
         "data: tokenizing: 25% (2/8 MiB), 2 s, about 8 s left",
         "data: tokenizing: 100% (8/8 MiB), 9 s",
     ]
+
+
+def test_save_async_returns_before_the_write_commits_only_at_the_end_and_reports_errors(tmp_path):
+    """The training thread gets control back while the writer is held inside its write; the checkpoint
+    becomes visible (renamed, `latest`) only when the writer is let go; a writer's error reaches wait()."""
+    import threading
+
+    import torch
+
+    from parallel import checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    release, written = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        written.set()
+        assert release.wait(30)
+
+    pending = checkpoint.save_async(tmp_path / "step-00000001", model, step=1, on_written=hold)
+    assert written.wait(30)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on: the checkpoint keeps the state copied at the call
+    assert not pending.done() and not (tmp_path / "step-00000001").exists()
+    assert (tmp_path / "step-00000001.tmp").is_dir() and not (tmp_path / "latest").exists()
+    release.set()
+    path = pending.wait()
+    assert checkpoint.verify(path) is None and (tmp_path / "latest").read_text() == "step-00000001\n"
+    assert torch.equal(checkpoint.read_full(path, "param/weight"), before)
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    pending = checkpoint.save_async(tmp_path / "step-00000002", model, step=2, on_written=fail)
+    with pytest.raises(RuntimeError, match="background checkpoint save failed: disk full"):
+        pending.wait()
+    assert checkpoint.find_latest(tmp_path)[0] == path  # the failed one never became valid
