@@ -9,7 +9,8 @@ summation order.
 
 `Trainer(config, context, guard)` builds this rank's share of the run (data, layout, model parts,
 optimizer, runner, checkpoints); `train()` runs the steps and returns the summary that `train_once`
-returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no injection path.
+returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no injection path. Trackers,
+the step-time breakdown and profiler traces hook into the loop through `train.observability`.
 """
 
 from __future__ import annotations
