@@ -322,6 +322,18 @@ def moe(r: dict) -> list[dict]:
     ]
 
 
+def async_save(r: dict) -> list[dict]:
+    """Training time lost to a checkpoint save, asynchronous over synchronous."""
+    return [
+        headline("async / sync save, training blocked", num(r, "blocked_ratio_async_over_sync")),
+        headline(
+            "async / sync save, blocked + overlapped-step slowdown",
+            num(r, "cost_ratio_async_over_sync"),
+            below(1.0),
+        ),
+    ]
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_data_parallel": data_parallel,
     "bench_tensor_parallel": tensor_parallel,
@@ -331,6 +343,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_qlora": qlora,
     "bench_generate": generate,
     "bench_moe": moe,
+    "bench_async_save": async_save,
 }
 
 

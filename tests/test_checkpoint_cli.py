@@ -99,8 +99,18 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_resumes_from_the_last_chec
     _assert_same_run(tmp_path, reference)
 
 
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(cache_dir, reference, tmp_path):
-    args = [*COMMON, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(
+    async_save, cache_dir, reference, tmp_path
+):
+    """With `train.async_save` the kill comes in the background writer, after rank 1's files are written
+    and before the commit, while the training thread has already gone on to step 5."""
+    args = [
+        *COMMON,
+        f"data.cache_dir={cache_dir}",
+        f"train.out_dir={tmp_path}",
+        f"train.async_save={async_save}",
+    ]
     result = torchrun(args, faults=["--fault-kill-in-save=4"], max_restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
     incomplete = tmp_path / "checkpoints" / "step-00000004.tmp"

@@ -122,6 +122,7 @@ SYNTHETIC = {
         },
         "training_step": {"qlora_over_bf16_lora": 1.2},
     },
+    "bench_async_save": {"blocked_ratio_async_over_sync": 0.05, "cost_ratio_async_over_sync": 0.4},
     "bench_generate": {
         "cache": [{"model": "README default (examples/train_mla.py)", "ratio": 4.0}],
         "speed": {"new_tokens": 64, "modes": {"latent cache": {"speedup_vs_no_cache": 3.0}}},
@@ -178,6 +179,10 @@ def test_headlines_from_synthetic_json():
     assert qlora["QLoRA / bf16 LoRA step time"]["value"] == 1.2
     assert qlora["NF4 bits/param, decoder linears"]["met"] == "yes"
     assert qlora["NF4 + double quant bits/param, decoder linears"]["met"] == "no"
+
+    saves = {r["label"]: r for r in rows["bench_async_save"]}
+    assert saves["async / sync save, training blocked"]["value"] == 0.05
+    assert saves["async / sync save, blocked + overlapped-step slowdown"]["met"] == "yes"
 
     assert values(rows["bench_generate"]) == {
         "latent cache speed-up over no cache, 64 tokens": 3.0,

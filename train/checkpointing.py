@@ -2,10 +2,14 @@
 
 Checkpoints go to `train.out_dir/checkpoints/step-NNNNNNNN/` (parallel/checkpoint.py: sharded, atomic,
 loadable under any layout) every `train.save_every` steps, at the end of the run, and when SIGTERM stops
-it; the newest `train.keep_last` are kept. Besides the model and optimizer a checkpoint holds the step
-(which fixes the LR schedule and the data: the batch of step k depends only on (seed, k)), the tokens
-consumed, the fp16 loss scaler, the non-finite steps skipped, each rank's running loss since the last log
-record, the RNG states of every rank and the resolved config.
+it; the newest `train.keep_last` are kept. With `train.async_save` the step waits only for the copy of the
+state to host memory; a thread writes the files and commits (parallel/checkpoint/background.py), the
+next save waits for it, and so does the end of the run.
+
+Besides the model and optimizer a checkpoint holds the step (which fixes the LR schedule and the data:
+the batch of step k depends only on (seed, k)), the tokens consumed, the fp16 loss scaler, the
+non-finite steps skipped, each rank's running loss since the last log record, the RNG states of every
+rank, the resolved config and the wandb run id (train/trackers.py).
 
 `train.resume`: `never`; `auto`, the newest complete and checksum-valid checkpoint of this run's
 `out_dir` (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh); or a
@@ -36,6 +40,7 @@ from parallel.pipeline import ModelParts
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
 from train.faults import FaultPlan
+from train.progress import Progress
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Resumed:
     last_log_step: int
     loss_sum: float | None  # this rank's loss sum since last_log_step (same layout only)
     skipped: list[int]
+    wandb_run_id: str | None = None  # the tracked run to continue (train/trackers.py)
 
 
 def _warn(context: RunContext, message: str) -> None:
@@ -95,6 +101,8 @@ class Checkpointer:
         self.faults = faults
         self.root = Path(config.train.out_dir) / "checkpoints"
         self.last_saved: int | None = None
+        self.pending: checkpoint.PendingSave | None = None  # train.async_save: the save being written
+        self.group = checkpoint.new_save_group(context.topology) if config.train.async_save else None
 
     def resume(self) -> Resumed | None:
         """Load the checkpoint `train.resume` asks for into the model, optimizer and scaler (None: fresh)."""
@@ -110,7 +118,11 @@ class Checkpointer:
         if path is None:
             context.log(f"resume: no checkpoint in {self.root}, starting from step 0")
             return None
-        info = checkpoint.load(path, self.parts, self.optimizer, topology=context.topology)
+        progress = Progress(f"loading {path}", 1, "tensors", enabled=context.is_main)
+        info = checkpoint.load(
+            path, self.parts, self.optimizer, topology=context.topology, progress=progress.track
+        )
+        progress.close()
         state = info["state"] or {}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -129,6 +141,7 @@ class Checkpointer:
             last_log_step=state.get("last_log_step", info["step"]) if rank_state else info["step"],
             loss_sum=rank_state["loss_sum"] if rank_state else None,
             skipped=list(state.get("skipped_nonfinite", [])),
+            wandb_run_id=state.get("wandb_run_id"),
         )
 
     def due(self, step: int) -> bool:
@@ -136,30 +149,52 @@ class Checkpointer:
         return bool(every) and step % every == 0
 
     def save(
-        self, step: int, tokens: int, loss_sum: torch.Tensor, last_log_step: int, skipped: list[int]
-    ) -> Path:
-        """Write the checkpoint of `step` (completed steps) and prune old ones. Collective."""
+        self,
+        step: int,
+        tokens: int,
+        loss_sum: torch.Tensor,
+        last_log_step: int,
+        skipped: list[int],
+        wandb_run_id: str | None = None,
+    ) -> None:
+        """Write the checkpoint of `step` (completed steps) and prune old ones. Collective. With
+        `train.async_save` it returns once the state is in host memory (after waiting for the previous
+        save); `wait()` waits for the write."""
         context = self.context
         state = {"last_log_step": last_log_step, "skipped_nonfinite": skipped}
         if self.scaler is not None:
             state["loss_scaler"] = self.scaler.state_dict()
-        path = checkpoint.save(
-            self.root / checkpoint.step_name(step),
-            self.parts,
-            self.optimizer,
-            topology=context.topology,
-            step=step,
-            tokens=tokens,
-            config=config_to_dict(self.resolved),
-            state=state,
-            rank_state={"loss_sum": loss_sum.item()},
-            on_written=None if self.faults is None else self.faults.on_written(step),
-        )
-        if context.is_main:
-            checkpoint.prune(self.root, self.config.train.keep_last)
+        if wandb_run_id is not None:
+            state["wandb_run_id"] = wandb_run_id
+        arguments = {
+            "topology": context.topology,
+            "step": step,
+            "tokens": tokens,
+            "config": config_to_dict(self.resolved),
+            "state": state,
+            "rank_state": {"loss_sum": loss_sum.item()},
+            "on_written": None if self.faults is None else self.faults.on_written(step),
+        }
+        directory = self.root / checkpoint.step_name(step)
         self.last_saved = step
-        context.log(f"saved checkpoint {path}")
-        return path
+        if not self.config.train.async_save:
+            self._committed(checkpoint.save(directory, self.parts, self.optimizer, **arguments))
+            return
+        self.wait()
+        self.pending = checkpoint.save_async(
+            directory, self.parts, self.optimizer, group=self.group, after=self._committed, **arguments
+        )
+
+    def _committed(self, path: Path) -> None:
+        if self.context.is_main:
+            checkpoint.prune(self.root, self.config.train.keep_last)
+        self.context.log(f"saved checkpoint {path}")
+
+    def wait(self) -> None:
+        """Wait for a background save to be committed (raises its error). Not collective."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
 
 
 def restart_metrics(path: Path, resumed: Resumed | None, is_main: bool) -> tuple[list[dict], list[dict]]:

@@ -6,7 +6,7 @@
     python -m train.config_reference --check    # exit 1 if README.md or docs/configuration.md is stale
 
 A key's description is the string literal on the line after its field (the attribute-docstring
-convention) in `train/config.py`. The `model` section's keys are `MLAConfig`'s fields, which
+convention) in `train/config_sections.py`. The `model` section's keys are `MLAConfig`'s fields, which
 `models/config.py` does not document; their descriptions live in `MODEL_KEYS` below (a field docstring in
 `MLAConfig`, if one is ever written, takes precedence). Deprecated aliases get a row of their own.
 """

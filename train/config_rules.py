@@ -101,6 +101,18 @@ RULES: dict[str, Rule] = {
     "train.mem_warn_fraction": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
     "train.compile_backend": _one_of("inductor", "eager", "aot_eager"),
     "train.peak_tflops": _POSITIVE,
+    "train.wandb": (
+        lambda v: (
+            set(v) <= {"project", "name", "entity", "mode"}
+            and all(isinstance(x, str) for x in v.values())
+            and v.get("mode", "online") in ("online", "offline", "disabled")
+        ),
+        "a mapping of project, name, entity, mode (online, offline or disabled)",
+    ),
+    "train.profile_steps": (
+        lambda v: len(v) == 2 and 1 <= v[0] <= v[1],
+        "[first, last] steps with 1 <= first <= last",
+    ),
     "lora.r": _at_least(1),
     "lora.alpha": _POSITIVE,
     "lora.dropout": ((lambda v: 0 <= v < 1), "a value in [0, 1)"),

@@ -29,6 +29,7 @@ from train.checkpointing import choose_checkpoint
 from train.config import ConfigError, DistributedConfig, config_from_dict
 from train.context import fail
 from train.hf_folder import write_hf_folder
+from train.progress import Progress
 
 
 def resolve(path: str | Path) -> Path:
@@ -59,7 +60,9 @@ def export(path: str | Path, out: str | Path) -> Path:
     )
     topology = Topology(ParallelDims())
     parts = build_model(config, MLAConfig(**model), topology)
-    checkpoint.load(path, parts, topology=topology, restore_rng=False)
+    progress = Progress(f"loading {path}", 1, "tensors")
+    checkpoint.load(path, parts, topology=topology, restore_rng=False, progress=progress.track)
+    progress.close()
     run_dir = path.parent.parent
     tokenizer = next(
         (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,14 @@ from train.gpus import detect_gpu
 class MetricsLog:
     """Appends records to `metrics.jsonl` (rank 0) and keeps them as `history` and `val_history`."""
 
-    def __init__(self, path: Path, is_main: bool, resumed: Resumed | None) -> None:
-        self.path, self.is_main = path, is_main
+    def __init__(
+        self,
+        path: Path,
+        is_main: bool,
+        resumed: Resumed | None,
+        on_record: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.path, self.is_main, self.on_record = path, is_main, on_record  # on_record: the trackers
         self.history, self.val_history = restart_metrics(path, resumed, is_main)
 
     def add(self, entry: dict) -> None:
@@ -33,6 +40,8 @@ class MetricsLog:
             }
             with self.path.open("a") as f:
                 f.write(json.dumps(finite) + "\n")
+            if self.on_record is not None:
+                self.on_record(entry)
         (self.val_history if entry.get("split") == "val" else self.history).append(entry)
 
 

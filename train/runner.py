@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from models.transformer import MLATransformer
 from parallel.collectives import group_size
@@ -113,8 +114,10 @@ class ModelRunner:
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self._no_sync()
                 with sync, self.autocast():
-                    loss = model.loss(mb.inputs, mb.targets, **mb.extras()) / divisors[i]
-                    (loss * loss_scale).backward()
+                    with record_function("forward"):
+                        loss = model.loss(mb.inputs, mb.targets, **mb.extras()) / divisors[i]
+                    with record_function("backward"):
+                        (loss * loss_scale).backward()
                 total += loss.detach().float()
             return total
         with self._no_sync(), self.autocast():

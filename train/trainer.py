@@ -9,7 +9,8 @@ summation order.
 
 `Trainer(config, context, guard)` builds this rank's share of the run (data, layout, model parts,
 optimizer, runner, checkpoints); `train()` runs the steps and returns the summary that `train_once`
-returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no injection path.
+returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no injection path. Trackers,
+the step-time breakdown and profiler traces hook into the loop through `train.observability`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from train.hf_folder import write_hf_folder
 from train.layout import Layout, check_tokens, model_config
 from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
+from train.observability import Observability
 from train.schedules import batch_shape_at, lr_at
 
 
@@ -101,6 +103,7 @@ class Trainer:
             faults,
         )
         context.log(self._describe())
+        self.watch = Observability(config, resolved, context, self.resumed)  # trackers, timing, profiler
         self._restore_counters()
 
     def _describe(self) -> str:
@@ -131,7 +134,9 @@ class Trainer:
         if resumed and resumed.loss_sum is not None:  # the same layout's logging window, exactly
             self.loss_sum.fill_(resumed.loss_sum)
         self.guard.skipped = list(resumed.skipped) if resumed else []
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.context.is_main, resumed)
+        self.metrics = MetricsLog(
+            self.out_dir / "metrics.jsonl", self.context.is_main, resumed, self.watch.trackers.log
+        )
         self.peak_tflops = peak_tflops(self.config.train.peak_tflops, device)
 
     def train(self) -> dict:
@@ -141,14 +146,18 @@ class Trainer:
             self.evaluate(0)
         self.start = self.last_log_time = time.perf_counter()
         for step in range(self.start_step, tc.steps):
-            lr, step_len, grad_norm = self.step(step)
+            self.watch.profiler.before_step(step + 1)
+            with self.watch.timer.step():
+                lr, step_len, grad_norm = self.step(step)
             self.done = done = step + 1
             if (done % tc.log_every == 0 or done == tc.steps) and not self.log(lr, step_len, grad_norm):
                 break
             if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
                 self.evaluate(done)
             if self.checkpoints.due(done) or self.guard.stop_requested:
-                self.save()
+                with self.watch.timer.checkpoint():
+                    self.save()
+            self.watch.profiler.after_step(done)
             if self.guard.stop_requested:
                 self._stop(f"SIGTERM: stopped after step {done}, checkpoint saved")
                 break
@@ -158,6 +167,7 @@ class Trainer:
         """Optimizer step `step` (0-based): forward, backward, clipping, update. Returns (lr, sequence
         length, gradient norm)."""
         config, topo, device = self.config, self.context.topology, self.context.device
+        self.watch.timer.switch("data")
         lr = lr_at(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -171,6 +181,7 @@ class Trainer:
         else:
             batch = torch.from_numpy(rows)
             batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+        self.watch.timer.switch("compute")
         if self.scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
             loss = self.recovery.train_step(step + 1, batch)
         else:
@@ -178,6 +189,7 @@ class Trainer:
             self.zero.scale_grads(1.0 / self.scaler.scale)
         if self.faults is not None:
             loss = self.faults.after_backward(step + 1, loss, self.runner.parameters(), self.zero)
+        self.watch.timer.switch("optimizer")
         clip = config.train.grad_clip
         if self.zero is not None:
             grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group)
@@ -224,6 +236,7 @@ class Trainer:
         if self.mcfg.is_moe:
             entry.update(routing_statistics(self.parts.chunks, topo.dp_group, topo.pp_group))
         entry.update(self.monitor.sample())
+        entry.update(self.watch.timer.record())
         if self.recovery.retries:
             entry["micro_batch_size"], entry["oom_retries"] = self.runner.mbs, self.recovery.retries
         return entry
@@ -275,7 +288,12 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of the state after `self.done` steps. Collective."""
         self.checkpoints.save(
-            self.done, self.tokens_done, self.loss_sum, self.last_log_step, self.guard.skipped
+            self.done,
+            self.tokens_done,
+            self.loss_sum,
+            self.last_log_step,
+            self.guard.skipped,
+            self.watch.trackers.run_id,
         )
 
     def finish(self) -> dict:
@@ -283,6 +301,8 @@ class Trainer:
         context, out_dir, zero = self.context, self.out_dir, self.zero
         if self.stop_reason is None and self.checkpoints.last_saved != self.done:
             self.save()
+        self.checkpoints.wait()
+        self.watch.close()
         whole = zero.sharding.gathered_parameters() if zero is not None and zero.sharding else None
         with whole or contextlib.nullcontext():  # ZeRO-3 keeps only shards between steps
             final_dir = write_hf_folder(

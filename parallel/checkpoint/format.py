@@ -27,6 +27,7 @@ derived (RoPE tables) or, for NF4 bases, rebuilt from the frozen source weights 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +145,80 @@ def save(
     Collective: every rank calls it. `state` (JSON-able, the same on every rank; rank 0's is kept) and
     `rank_state` (JSON-able, per rank) are returned by `load`. `on_written` runs after this rank's files
     are written and before the commit (fault-injection tests kill the process there). An existing
-    `directory` is replaced. Returns `directory`.
+    `directory` is replaced. Returns `directory`. (`prepare_save(...).write()` is the same in two halves:
+    parallel/checkpoint/background.py runs the second in a thread.)
     """
+    job = prepare_save(
+        directory, model, optimizer, topology=topology, step=step, tokens=tokens, config=config, state=state
+    )
+    return job.write(rank_state=rank_state, on_written=on_written)
+
+
+@dataclass
+class SaveJob:
+    """A checkpoint whose state is already copied to host memory (`prepare_save`); `write` puts it on disk.
+
+    `write` needs no device and no model: it may run in another thread while training goes on. Its two
+    barriers use `barrier` (default: the world's), so that a background writer does not share a process
+    group with the training loop."""
+
+    directory: Path
+    topology: Topology
+    tensors: dict[str, torch.Tensor]
+    record: dict
+    manifest_head: dict
+
+    def write(
+        self,
+        *,
+        rank_state: dict | None = None,
+        on_written: Callable[[], None] | None = None,
+        barrier: Callable[[], None] | None = None,
+    ) -> Path:
+        barrier = barrier or (lambda: _barrier(self.topology))
+        directory, rank = self.directory, self.topology.rank
+        tmp = directory.with_name(directory.name + ".tmp")
+        data = serialize(self.tensors, metadata={"format": "pt"})
+        shard = self.record["shard"]
+        _write(tmp / shard, data)
+        files = {shard: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+        head, tail = ("rank", "coords", "shard"), ("pieces", "units", "steps", "rng")
+        record = {
+            **{k: self.record[k] for k in head},
+            "files": files,
+            **{k: self.record[k] for k in tail},
+            "state": rank_state,
+        }
+        _write(tmp / f"rank-{rank:05d}.json", json.dumps(record).encode())
+        if on_written is not None:
+            on_written()
+        barrier()
+        if rank == 0:
+            manifest = _manifest(tmp, self.topology.world_size, self.manifest_head)
+            _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+            _fsync_dir(directory.parent)
+            _write_atomic(directory.parent / LATEST, (directory.name + "\n").encode())
+        barrier()
+        return directory
+
+
+def prepare_save(
+    directory: str | Path,
+    model: nn.Module | Sequence[nn.Module] | Mapping[int, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    topology: Topology | None = None,
+    step: int = 0,
+    tokens: int = 0,
+    config: dict | None = None,
+    state: dict | None = None,
+) -> SaveJob:
+    """The first half of `save`: clear `directory`.tmp (rank 0, then a barrier of the world) and copy
+    this rank's tensors and RNG states to host memory. Collective."""
     topology = topology or Topology(ParallelDims())
     directory, chunks = Path(directory), ModelParts.of(model).chunks
     tmp, rank = directory.with_name(directory.name + ".tmp"), topology.rank
@@ -154,38 +228,27 @@ def save(
     _barrier(topology)
     written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank)
     rng_tensors, rng_meta = _rng_state(topology.device)
-    data = serialize({**written.tensors, **rng_tensors}, metadata={"format": "pt"})
-    shard = f"shard-{rank:05d}.safetensors"
-    _write(tmp / shard, data)
     record = {
         "rank": rank,
         "coords": list(topology.dims.coords_of(rank)),
-        "shard": shard,
-        "files": {shard: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
+        "shard": f"shard-{rank:05d}.safetensors",
         "pieces": written.pieces,
         "units": written.units,
         "steps": written.steps,
         "rng": rng_meta,
-        "state": rank_state,
     }
-    _write(tmp / f"rank-{rank:05d}.json", json.dumps(record).encode())
-    if on_written is not None:
-        on_written()
-    _barrier(topology)
-    if rank == 0:
-        manifest = _manifest(tmp, topology, chunks, optimizer, step, tokens, config, state)
-        _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        _write_atomic(directory.parent / LATEST, (directory.name + "\n").encode())
-    _barrier(topology)
-    return directory
+    head = {
+        "format": FORMAT,
+        "step": step,
+        "tokens": tokens,
+        "layout": _layout(topology, chunks, optimizer),
+        "config": copy.deepcopy(config),
+        "state": copy.deepcopy(state),
+    }
+    return SaveJob(directory, topology, {**written.tensors, **rng_tensors}, record, head)
 
 
-def _manifest(tmp: Path, topology, chunks, optimizer, step, tokens, config, state) -> dict:
+def _manifest(tmp: Path, world_size: int, head: dict) -> dict:
     tensors: dict[str, dict] = {}
     units, steps, files, ranks = [], {}, {}, []
 
@@ -197,7 +260,7 @@ def _manifest(tmp: Path, topology, chunks, optimizer, step, tokens, config, stat
             )
         entry["pieces"].append(piece)
 
-    for rank in range(topology.world_size):
+    for rank in range(world_size):
         meta_file = f"rank-{rank:05d}.json"
         raw = (tmp / meta_file).read_bytes()
         record = json.loads(raw)
@@ -222,12 +285,7 @@ def _manifest(tmp: Path, topology, chunks, optimizer, step, tokens, config, stat
                         {**piece, "index": seg["index"], "flat": seg["flat"]},
                     )
     return {
-        "format": FORMAT,
-        "step": step,
-        "tokens": tokens,
-        "layout": _layout(topology, chunks, optimizer),
-        "config": config,
-        "state": state,
+        **head,
         "tensors": tensors,
         "units": units,
         "optimizer_steps": steps,
@@ -256,20 +314,21 @@ def load(
     *,
     topology: Topology | None = None,
     restore_rng: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Load a checkpoint written under any layout into this rank's model chunks (and optimizer).
 
     Parameters take the fp32 master weights when the checkpoint has them. The optimizer gets its state
     re-cut for this layout (left fresh when the checkpoint has none). Not collective. Does not check the
-    SHA-256 sums (`verify` does). Returns {"step", "tokens", "config", "state", "layout", "rank_state"
-    (this rank's, or None under another layout), "same_layout"}; RNG states are restored when
-    `restore_rng` and the layout is the same.
+    SHA-256 sums (`verify` does); `progress(done, total)` follows the tensors read. Returns {"step",
+    "tokens", "config", "state", "layout", "rank_state" (this rank's, or None under another layout),
+    "same_layout"}; RNG states are restored when `restore_rng` and the layout is the same.
     """
     topology = topology or Topology(ParallelDims())
     reader = SliceReader(Path(directory), read_manifest(directory))
     chunks = ModelParts.of(model).chunks
     manifest = reader.manifest
-    restore(reader, chunks, optimizer, topology.tp_rank)
+    restore(reader, chunks, optimizer, topology.tp_rank, progress)
     saved = manifest["layout"]
     current = _layout(topology, chunks, optimizer)
     same = all(saved[k] == current[k] for k in ("world_size", "dp", "tp", "pp"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -211,14 +211,21 @@ def _requantize(reader: SliceReader, opt: AdamW8bit, layout: dict) -> None:
 
 @torch.no_grad()
 def restore(
-    reader, chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, tp_rank: int
+    reader,
+    chunks: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    tp_rank: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Load this rank's parameters (and optimizer state, when the checkpoint has it) from `reader`."""
+    """Load this rank's parameters (and optimizer state, when the checkpoint has it) from `reader`;
+    `progress(done, total)` is called after each parameter (the optimizer state counts as one more)."""
     names = slices.named_parameters(chunks)
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
-    for p, name in names.items():
+    for i, (p, name) in enumerate(names.items()):
         if zero is None or p not in zero.bucket_of:
             p.copy_(read_local(reader, _weight_name(reader, name), p, p.shape, tp_rank))
+        if progress is not None:
+            progress(i + 1, len(names) + 1)
     if zero is not None:
         zero.load_consolidated_state_dict(_LazyZeroState(reader, zero, names, tp_rank))
         if isinstance(zero.inner, AdamW8bit):
@@ -243,3 +250,5 @@ def restore(
         if isinstance(optimizer, AdamW8bit):
             layout = {p: (p.numel(), [slices.param_segment(names[p], p, tp_rank)]) for p in names}
             _requantize(reader, optimizer, layout)
+    if progress is not None:
+        progress(len(names) + 1, len(names) + 1)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from parallel.pipeline.deferred_wgrad import WeightGradStore
 from parallel.pipeline.schedules import Action, Schedule, build_schedule, simulate
@@ -140,7 +141,7 @@ class PipelineExecutor:
                     x.requires_grad_()
                 started = time.perf_counter()
                 recording = self.store.recording() if self.store is not None else _null()
-                with recording:
+                with recording, record_function("forward"):
                     if s == self.num_stages - 1:
                         out = chunk.loss(x, targets[i], **extras[i]) * scales[i]
                         total += out.detach().float()
@@ -158,7 +159,7 @@ class PipelineExecutor:
                     grad = self._exchange((out.shape, out.dtype, s + 1, self._tag(GRADIENT, i, s + 1)))
                 started = time.perf_counter()
                 capturing = self.store.capturing((i, s)) if self.store is not None else _null()
-                with capturing:
+                with capturing, record_function("backward"):
                     torch.autograd.backward(out, grad_tensors=grad)
                 self.compute_seconds += time.perf_counter() - started
                 if x is not None:
@@ -166,7 +167,8 @@ class PipelineExecutor:
             else:
                 self._exchange(None)  # post B's gradient send now, not after this W
                 started = time.perf_counter()
-                self.store.flush((i, s))
+                with record_function("backward_weights"):
+                    self.store.flush((i, s))
                 self.compute_seconds += time.perf_counter() - started
         self._finish_sends()
         return total

@@ -28,6 +28,7 @@ from train.data.formats import FormatSpec, resolve_format
 from train.data.shards import open_split
 from train.data.sources import MIB, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, special_tokens, tokenizer_config, train_tokenizer
+from train.progress import Progress
 
 FORMAT_VERSION = 3
 STDLIB_DEFAULT_MB = 4.0  # the built-in corpus is capped even when data.max_corpus_mb is null
@@ -98,15 +99,21 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _encode_documents(
-    tok: tokenizers.Tokenizer, files: list[Path], eot_id: int, bos_id: int | None = None
+    tok: tokenizers.Tokenizer,
+    files: list[Path],
+    eot_id: int,
+    bos_id: int | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[np.ndarray]:
     """Each document's token ids (after ``bos_id`` when given) followed by ``eot_id``; special tokens
-    inside a text are plain text."""
+    inside a text are plain text. ``progress`` advances by the bytes read."""
     head = [] if bos_id is None else [bos_id]
     for i in range(0, len(files), _ENCODE_BATCH):
         texts = [read_text(p) for p in files[i : i + _ENCODE_BATCH]]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
             yield np.array([*head, *enc.ids, eot_id], dtype=np.int64)
+        if progress is not None:
+            progress.update(sum(p.stat().st_size for p in files[i : i + _ENCODE_BATCH]))
 
 
 def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dict) -> int:
@@ -175,7 +182,10 @@ def _build(
             )
             n_train, n_val = write_record_splits(tmp, docs, stats, info, val_fraction, log)
         else:
-            n_train, n_val = _write_text_splits(tmp, tok, files, info, (eot_id, bos_id), val_fraction)
+            progress = Progress("data: tokenizing", mib * MIB, "MiB", scale=MIB)
+            separators = (eot_id, bos_id)
+            n_train, n_val = _write_text_splits(tmp, tok, files, info, separators, val_fraction, progress)
+            progress.close()
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
             os.replace(tmp, folder)
@@ -197,6 +207,7 @@ def _write_text_splits(
     info: dict,
     separators: tuple[int, int | None],
     val_fraction: float,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """Plain-text documents (one per file) into the train and val token files: (train, val) tokens.
 
@@ -204,7 +215,7 @@ def _write_text_splits(
     eot_id, bos_id = separators
     n_docs = len(files)
     if n_docs == 1:
-        ids = next(_encode_documents(tok, files, eot_id, bos_id))
+        ids = next(_encode_documents(tok, files, eot_id, bos_id, progress))
         cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
         n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
         return n_train, _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
@@ -214,10 +225,16 @@ def _write_text_splits(
     head = [p for i, p in enumerate(files) if i not in val_index]
     tail = [p for i, p in enumerate(files) if i in val_index]
     n_train = _write_split(
-        tmp, "train", _encode_documents(tok, head, eot_id, bos_id), {**info, "num_documents": len(head)}
+        tmp,
+        "train",
+        _encode_documents(tok, head, eot_id, bos_id, progress),
+        {**info, "num_documents": len(head)},
     )
     n_val = _write_split(
-        tmp, "val", _encode_documents(tok, tail, eot_id, bos_id), {**info, "num_documents": len(tail)}
+        tmp,
+        "val",
+        _encode_documents(tok, tail, eot_id, bos_id, progress),
+        {**info, "num_documents": len(tail)},
     )
     return n_train, n_val
 
