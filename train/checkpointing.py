@@ -7,10 +7,12 @@ it; the newest `train.keep_last` are kept. Besides the model and optimizer a che
 consumed, the fp16 loss scaler, the non-finite steps skipped, each rank's running loss since the last log
 record, the RNG states of every rank and the resolved config.
 
-`train.resume`: `never`; `auto`, the newest complete and checksum-valid checkpoint of this run's
-`out_dir` (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh); or a
-path: a checkpoint folder, or a run's `out_dir` or `checkpoints/` folder (its newest valid checkpoint),
-an error when it holds none. Global rank 0 chooses and tells the others.
+`train.resume`: `never`; `auto`, the checkpoint `checkpoints/latest` names, or the newest valid one older
+than it (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh; see
+train/lineage.py); or a path: a checkpoint folder, or a run's `out_dir` or `checkpoints/` folder (its
+newest valid checkpoint), an error when it holds none. A checkpoint past `train.steps` is refused. The
+checkpoint taken becomes the head of the folder's lineage: newer ones are moved to a side folder. Global
+rank 0 chooses and tells the others.
 
 In the same layout a resumed run continues bit for bit: same weights, optimizer state, RNG, logging
 window. In another layout the weights and optimizer state are re-cut exactly (8-bit moments
@@ -36,6 +38,7 @@ from parallel.pipeline import ModelParts
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
 from train.faults import FaultPlan
+from train.lineage import find_auto, make_head, manifest_step
 
 
 @dataclass
@@ -67,7 +70,7 @@ def choose_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[str], 
     """(checkpoint, notes on skipped ones, error) for `train.resume` = `auto` (the newest valid one under
     `root`) or a path (see the module docstring)."""
     if resume == "auto":
-        found, notes = checkpoint.find_latest(root)
+        found, notes = find_auto(root)  # follows `latest` (train/lineage.py)
         return found, notes, None
     path = Path(resume)
     if (path / checkpoint.MANIFEST).exists() or checkpoint.STEP_DIR.fullmatch(path.name):
@@ -101,7 +104,7 @@ class Checkpointer:
         resume, context = self.config.train.resume, self.context
         if resume == "never":
             return None
-        choice = choose_checkpoint(resume, self.root) if context.is_main else None
+        choice = self._choose() if context.is_main else None
         path, notes, error = _broadcast(context, choice)
         for note in notes:
             _warn(context, note)
@@ -130,6 +133,17 @@ class Checkpointer:
             loss_sum=rank_state["loss_sum"] if rank_state else None,
             skipped=list(state.get("skipped_nonfinite", [])),
         )
+
+    def _choose(self) -> tuple[Path | None, list[str], str | None]:
+        """`choose_checkpoint`, refused when the checkpoint is past `train.steps`; a checkpoint taken
+        becomes the head of this folder's lineage (train/lineage.py). Rank 0."""
+        path, notes, error = choose_checkpoint(self.config.train.resume, self.root)
+        if path is None or error:
+            return path, notes, error
+        step, steps = manifest_step(path), self.config.train.steps
+        if step > steps:
+            return None, notes, f"{path} is at step {step}, past train.steps={steps} (raise train.steps)"
+        return path, notes + make_head(self.root, path, step), None
 
     def due(self, step: int) -> bool:
         every = self.config.train.save_every

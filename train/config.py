@@ -160,11 +160,18 @@ class TrainConfig:
     """Folder the run writes its files into."""
     resume: str = "never"
     """`never`; `auto`: the newest complete, checksum-valid checkpoint of `out_dir` (none: start afresh);
-    or a checkpoint folder or run folder."""
+    or a checkpoint folder or run folder. A fresh run (`never`) into a folder that holds a run is refused
+    unless `train.overwrite` is set."""
+    overwrite: bool = False
+    """With `train.resume=never`, move the files of a run already in `out_dir` aside to
+    `<out_dir>.replaced-<time>/` (never deleted) instead of refusing to start."""
     keep_last: int = 3
     """Checkpoints kept (>= 2)."""
     on_nonfinite: str = "raise"
     """A NaN/inf loss or gradient norm: `raise` (stop, naming the step) or `skip` (no update; counted)."""
+    max_skipped_steps: int = 10
+    """`on_nonfinite=skip`: the run stops with an error when more than this many steps in a row are
+    skipped, or more than 5% of `train.steps` (and at least this many) in all (>= 0)."""
     sample_tokens: int = 48
     """Tokens of the sample generated at the end (>= 0; 0: none)."""
     sample_prompt: str = "def "

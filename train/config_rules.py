@@ -67,6 +67,7 @@ RULES: dict[str, Rule] = {
     "train.save_every": _at_least(0),
     "train.keep_last": _at_least(2),
     "train.on_nonfinite": _one_of("raise", "skip"),
+    "train.max_skipped_steps": _at_least(0),
     "train.sample_tokens": _at_least(0),
     "train.curriculum_start_seq_len": _at_least(1),
     "train.curriculum_steps": _at_least(0),

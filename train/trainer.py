@@ -33,11 +33,12 @@ from train.checkpointing import Checkpointer
 from train.config import Config, config_to_dict, dump_config
 from train.context import RunContext
 from train.data import BatchSampler, prepare_dataset, validation_windows
-from train.faults import FaultPlan, StepGuard, set_collective_timeout
+from train.faults import FaultPlan, NonFiniteError, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
 from train.layout import Layout, check_tokens, model_config
 from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
+from train.rundir import claim_for_run, release
 from train.schedules import batch_shape_at, lr_at
 
 
@@ -45,10 +46,14 @@ def train_once(config: Config, context: RunContext | None = None, *, faults: Fau
     """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
     own_context = context is None
     context = context or RunContext.from_config(config)
+    lock = None
     try:
-        with StepGuard(context.topology, config.train.on_nonfinite) as guard:  # SIGTERM, NaN/inf
+        lock = claim_for_run(config, context)  # out_dir: ours alone, before any expensive work
+        tc = config.train
+        with StepGuard(context.topology, tc.on_nonfinite, tc.max_skipped_steps, tc.steps) as guard:
             return Trainer(config, context, guard, faults).train()
     finally:
+        release(lock)
         if own_context:
             context.close()
 
@@ -89,13 +94,12 @@ class Trainer:
         self.runner = build_runner(self.parts, self.layout, topo, self.optimizer)
         self.out_dir = Path(tc.out_dir)
         resolved = self.layout.config
-        if context.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(resolved, self.out_dir / "config.yaml")
         self.checkpoints = Checkpointer(
             config, resolved, context, self.parts, self.optimizer, self.scaler, faults
         )
         self.resumed = self.checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: fresh
+        if context.is_main:  # only once the start is sure: a refused resume leaves config.yaml as it was
+            dump_config(resolved, self.out_dir / "config.yaml")
         self.monitor = MemoryMonitor(context.device, tc.mem_warn_fraction)  # mem_* fields when logging
         self.recovery = OOMRecovery(
             self.runner,
@@ -154,7 +158,7 @@ class Trainer:
             if self.checkpoints.due(done) or self.guard.stop_requested:
                 self.save()
             if self.guard.stop_requested:
-                self._stop(f"SIGTERM: stopped after step {done}, checkpoint saved")
+                self._stop(f"{self.guard.stop_signal}: stopped after step {done}, checkpoint saved")
                 break
         return self.finish()
 
@@ -280,6 +284,12 @@ class Trainer:
         context, out_dir, zero = self.context, self.out_dir, self.zero
         if self.stop_reason is None and self.checkpoints.last_saved != self.done:
             self.save()
+        last_val = self.metrics.val_history[-1] if self.metrics.val_history else None
+        if last_val is not None and not math.isfinite(last_val["loss"]):
+            raise NonFiniteError(
+                f"validation loss {last_val['loss']} at step {last_val['step']}: the model is broken, "
+                f"final/ not written (checkpoints: {self.checkpoints.root})"
+            )
         whole = zero.sharding.gathered_parameters() if zero is not None and zero.sharding else None
         with whole or contextlib.nullcontext():  # ZeRO-3 keeps only shards between steps
             final_dir = save_final_weights(self.parts, self.mcfg, out_dir, context, self.dataset.tokenizer)
