@@ -50,8 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nodes: str, port: int, host: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=3", "--monitor-interval=0.5"]
+def _torchrun(nodes: str, port: int, host: bool, max_restarts: int) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--max-restarts={max_restarts}"]
+    cmd.append("--monitor-interval=0.5")
     if nodes == "single":
         return [*cmd, "--standalone", "--nproc-per-node=2"]
     return [
@@ -66,14 +67,16 @@ def _torchrun(nodes: str, port: int, host: bool) -> list[str]:
     ]
 
 
-def launch(mode: str, args: list[str], faults: list[str], timeout: float) -> tuple[int | None, str]:
+def launch(
+    mode: str, args: list[str], faults: list[str], timeout: float, max_restarts: int = 3
+) -> tuple[int | None, str]:
     """Run one job (`mode` single or two-node); (exit code, None on a hang; the combined output)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     port = free_port()
     agents = [True] if mode == "single" else [True, False]
     procs = [
         subprocess.Popen(
-            [*_torchrun(mode, port, host), ENTRY, *faults, *args],
+            [*_torchrun(mode, port, host, max_restarts), ENTRY, *faults, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

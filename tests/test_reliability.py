@@ -243,3 +243,38 @@ def test_a_nan_validation_loss_is_an_error_and_writes_no_final(cache_dir, tmp_pa
     with pytest.raises(NonFiniteError, match=r"validation loss nan at step 6.*final/ not written"):
         train_once(load_config(None, [*TRAIN, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]))
     assert not (tmp_path / "final").exists() and (tmp_path / "checkpoints" / "step-00000006").is_dir()
+
+
+def test_the_watchdog_names_the_rank_and_the_phase_it_hangs_in():
+    import time
+
+    from train.watchdog import Watchdog
+
+    reports = []
+    watchdog = Watchdog(rank=3, seconds=0.4, on_hang=reports.append)
+    watchdog.phase("step 5: gradient norm (all-reduce over tp/pp/dp)")
+    time.sleep(0.2)
+    assert reports == []  # within the limit
+    time.sleep(1.5)
+    watchdog.close()
+    assert len(reports) == 1, reports  # once
+    assert reports[0].startswith("error: [rank 3] hung for ") and "in step 5: gradient norm" in reports[0]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("distributed.startup_timeout_s=60", "distributed.startup_timeout_s=60.0: expected a value >= "),
+        (
+            "distributed.timeout_s=.inf",
+            "distributed.timeout_s=inf: expected a number of seconds > 0 and finite",
+        ),
+        ("train.max_skipped_steps=-1", "train.max_skipped_steps=-1: expected a value >= 0"),
+    ],
+)
+def test_timeouts_and_the_skip_budget_are_checked(override, fragment):
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)

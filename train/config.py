@@ -101,10 +101,11 @@ class DistributedConfig:
     bucket_cap_mb: float = 25.0
     """Data-parallel gradient bucket size, in MiB (> 0)."""
     timeout_s: float = 600.0
-    """Collective timeout once the first step is done, in seconds (> 0): a lost rank fails the job
+    """Collective timeout once the first step is done, in seconds (> 0, finite): a lost rank fails the job
     instead of hanging it."""
     startup_timeout_s: float = 1800.0
-    """Collective timeout until the first step is done (data building, loading), in seconds (> 0)."""
+    """Collective timeout until the first step is done (data building, loading), in seconds (>=
+    `distributed.timeout_s`), honoured as given."""
 
 
 @dataclass
@@ -322,6 +323,12 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(
             f"optim.min_lr={cfg.optim.min_lr!r}: expected a value <= optim.lr ({cfg.optim.lr!r})"
+        )
+    timeout, startup = cfg.distributed.timeout_s, cfg.distributed.startup_timeout_s
+    if startup < timeout:
+        raise ConfigError(
+            f"distributed.startup_timeout_s={startup!r}: expected a value >= distributed.timeout_s "
+            f"({timeout!r}), since it bounds the first step too"
         )
     micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if micro is not None and micro > batch:

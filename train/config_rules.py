@@ -27,6 +27,7 @@ def _at_least(low: int) -> Rule:
 
 
 _POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
+_SECONDS: Rule = (lambda v: 0 < v < 1e7), "a number of seconds > 0 and finite (< 1e7)"
 
 # Checked on user-set values that are not null (the defaults already satisfy them).
 RULES: dict[str, Rule] = {
@@ -44,8 +45,8 @@ RULES: dict[str, Rule] = {
     "distributed.virtual_stages": _at_least(1),
     "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
     "distributed.bucket_cap_mb": _POSITIVE,
-    "distributed.timeout_s": _POSITIVE,
-    "distributed.startup_timeout_s": _POSITIVE,
+    "distributed.timeout_s": _SECONDS,
+    "distributed.startup_timeout_s": _SECONDS,
     "distributed.recompute": _one_of("none", "full", "selective"),
     "optim.name": _one_of("adamw", "adamw8bit"),
     "optim.lr": _POSITIVE,

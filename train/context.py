@@ -69,7 +69,7 @@ class RunContext:
         backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
         # long while starting (one rank may build the data while the others wait); the trainer sets
         # `timeout_s` once the first step is done
-        timeout = max(dist_cfg.timeout_s, dist_cfg.startup_timeout_s)
+        timeout = dist_cfg.startup_timeout_s  # >= timeout_s (train/config.py checks)
         topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, timeout)
         if topology.is_distributed:
             why = "torchrun environment (RANK/WORLD_SIZE set)"

@@ -40,20 +40,23 @@ from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
 from train.rundir import claim_for_run, release
 from train.schedules import batch_shape_at, lr_at
+from train.watchdog import Watchdog
 
 
 def train_once(config: Config, context: RunContext | None = None, *, faults: FaultPlan | None = None) -> dict:
     """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
     own_context = context is None
     context = context or RunContext.from_config(config)
-    lock = None
+    lock, watchdog, tc = None, None, config.train
     try:
         lock = claim_for_run(config, context)  # out_dir: ours alone, before any expensive work
-        tc = config.train
+        watchdog = Watchdog(context.rank, config.distributed.startup_timeout_s)  # names the rank on a hang
         with StepGuard(context.topology, tc.on_nonfinite, tc.max_skipped_steps, tc.steps) as guard:
-            return Trainer(config, context, guard, faults).train()
+            return Trainer(config, context, guard, faults, watchdog).train()
     finally:
         release(lock)
+        if watchdog is not None:
+            watchdog.close()
         if own_context:
             context.close()
 
@@ -62,9 +65,15 @@ class Trainer:
     """One training job on this rank: built from the config, run to the end by `train()`."""
 
     def __init__(
-        self, config: Config, context: RunContext, guard: StepGuard, faults: FaultPlan | None = None
+        self,
+        config: Config,
+        context: RunContext,
+        guard: StepGuard,
+        faults: FaultPlan | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.config, self.context, self.guard, self.faults = config, context, guard, faults
+        self.watchdog = watchdog
         topo, tc = context.topology, config.train
         random.seed(tc.seed)
         np.random.seed(tc.seed)
@@ -110,6 +119,11 @@ class Trainer:
         )
         context.log(self._describe())
         self._restore_counters()
+
+    def _phase(self, label: str) -> None:
+        """Tell the hang watchdog (train/watchdog.py) what this rank does now."""
+        if self.watchdog is not None:
+            self.watchdog.phase(label)
 
     def _describe(self) -> str:
         tc, topo, mcfg, layout = self.config.train, self.context.topology, self.mcfg, self.layout
@@ -176,6 +190,7 @@ class Trainer:
         )
         batch = torch.from_numpy(rows)
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+        self._phase(f"step {step + 1}: forward and backward (tp/pp/dp collectives inside)")
         if self.scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
             loss = self.recovery.train_step(step + 1, batch)
         else:
@@ -184,18 +199,24 @@ class Trainer:
         if self.faults is not None:
             loss = self.faults.after_backward(step + 1, loss, self.runner.parameters(), self.zero)
         clip = config.train.grad_clip
+        self._phase(f"step {step + 1}: gradient norm (all-reduce over tp/pp/dp)")
         if self.zero is not None:
             grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group)
         else:
             grad_norm = clip_grad_norm_(self.runner.parameters(), clip, topo.tp_group, topo.pp_group)
+        self._phase(f"step {step + 1}: non-finite and signal check (all-reduce over the world)")
         if not self.guard.skip_step(step + 1, loss, grad_norm, check_grad_norm=self.scaler is None):
+            self._phase(f"step {step + 1}: optimizer step (ZeRO all-gather inside)")
             self.loss_sum += loss
             # fp16: the scaler skips a step with inf/NaN gradients
             if self.scaler is None or not self.scaler.update(grad_norm.item()):
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
+        self._phase(f"after step {step + 1}: logging, validation or checkpoint (collectives inside)")
         if step == self.start_step:
             set_collective_timeout(topo, config.distributed.timeout_s)  # start-up is over
+            if self.watchdog is not None:
+                self.watchdog.limit(config.distributed.timeout_s)
         return lr, step_len, grad_norm
 
     def _record(self, lr: float, step_len: int, grad_norm: torch.Tensor) -> dict:
