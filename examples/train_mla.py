@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> dict
             print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return None
         return train_once(config, faults=faults)
-    except (ConfigError, RunDirError, NonFiniteError) as error:  # the same on every rank
+    except (ConfigError, RunDirError, ValueError, NonFiniteError) as error:  # alike on every rank
         fail(str(error).splitlines()[0] if str(error) else repr(error), every_rank=False)
-    except (ValueError, OSError) as error:  # maybe this rank's alone (a file, a folder of this node)
+    except OSError as error:  # maybe this rank's alone (a file, a folder, a disk of this node)
         fail(str(error).splitlines()[0] if str(error) else repr(error))
     except KeyboardInterrupt as error:
         fail(str(error) or "interrupted", code=130)

@@ -209,22 +209,24 @@ def test_rollback_then_a_crash_then_auto_continues_the_rolled_back_line(cache_di
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == reference
 
 
-def test_a_resume_past_train_steps_is_refused_and_leaves_config_yaml_alone(cache_dir, tmp_path):  # noqa: F811
-    _train_once([*TRAIN, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"])
-    before = _files(tmp_path)
+def test_a_resume_past_train_steps_or_with_another_tokenizer_is_refused_touching_nothing(cache_dir, tmp_path):  # noqa: F811
     from train.config import ConfigError, load_config
+    from train.data.tokenizer import train_tokenizer
     from train.trainer import train_once
 
-    args = [
-        *TRAIN,
-        f"data.cache_dir={cache_dir}",
-        f"train.out_dir={tmp_path}",
-        "train.resume=auto",
-        "train.steps=4",
-    ]
+    run = tmp_path / "run"
+    args = [*TRAIN, f"data.cache_dir={cache_dir}", f"train.out_dir={run}", "train.resume=auto"]
+    _train_once(args)
+    before = _files(run)
     with pytest.raises(ConfigError, match=r"step-00000006 is at step 6, past train.steps=4"):
-        train_once(load_config(None, args))
-    assert _files(tmp_path) == before  # config.yaml, metrics.jsonl, checkpoints: untouched
+        train_once(load_config(None, [*args, "train.steps=4"]))
+    assert _files(run) == before  # config.yaml, metrics.jsonl, checkpoints: untouched
+    # a tokenizer of the same vocabulary size, trained on other text: the saved token ids mean other text
+    other = tmp_path / "tokenizer.json"
+    train_tokenizer(iter(["zebra quantum " * 50, "lorem ipsum dolor " * 80]), 300).save(str(other))
+    with pytest.raises(ConfigError, match=r"trained with another tokenizer \(sha256 "):
+        train_once(load_config(None, [*args, f"data.tokenizer={other}", "train.steps=8"]))
+    assert _files(run) == before
 
 
 def test_a_nan_validation_loss_is_an_error_and_writes_no_final(cache_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -278,3 +280,48 @@ def test_timeouts_and_the_skip_budget_are_checked(override, fragment):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert fragment in str(error.value)
+
+
+def _prepare(corpus: Path, tmp_path: Path, **overrides):
+    from train.data import prepare_dataset
+
+    logs = []
+    kwargs = dict(tokenizer=None, vocab_size=300, cache_dir=str(tmp_path / "cache"), max_corpus_mb=None)
+    kwargs.update(val_fraction=0.05, is_builder=True, barrier=lambda: None, log=logs.append)
+    return prepare_dataset(str(corpus), **{**kwargs, **overrides}), logs
+
+
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_file_or_replaced_and_counted(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    (corpus / "doc07.txt").write_bytes(b"caf\xe9 au lait\n" * 40)  # Latin-1, not UTF-8
+    with pytest.raises(
+        ValueError, match=r"doc07.txt is not UTF-8 text \(byte 0xe9 at offset 3\).*encoding_errors"
+    ):
+        _prepare(corpus, tmp_path)
+    dataset, logs = _prepare(corpus, tmp_path, encoding_errors="replace")
+    assert any("1 files had bytes that are not UTF-8" in line for line in logs), logs
+
+
+def test_the_validation_split_stays_near_val_fraction_with_two_uneven_documents(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("small document\n" * 10)
+    (corpus / "b.txt").write_text("".join(f"line {i} of the large document\n" for i in range(3000)))
+    dataset, logs = _prepare(corpus, tmp_path)
+    share = len(dataset.val_tokens) / (len(dataset.val_tokens) + len(dataset.train_tokens))
+    assert 0.04 <= share <= 0.06, share  # a split by document would hold out one of the two: 50% or more
+    assert any(
+        "validation split: the last tokens of the corpus, 5.0% of the tokens" in line for line in logs
+    ), logs
+
+
+def test_the_corpus_cap_applies_to_the_bytes_read_of_a_single_huge_file(tmp_path):
+    huge = tmp_path / "one-line.txt"
+    huge.write_text("word " * 400_000)  # 2 MB on one line
+    dataset, logs = _prepare(huge, tmp_path, max_corpus_mb=0.05)
+    tokens = len(dataset.val_tokens) + len(dataset.train_tokens)
+    assert tokens <= 0.05 * 2**20, tokens  # at most one token per byte of the 52,428 read
+    assert any("(0.05 MiB)" in line for line in logs), logs

@@ -98,6 +98,7 @@ class Checkpointer:
         self.faults = faults
         self.root = Path(config.train.out_dir) / "checkpoints"
         self.last_saved: int | None = None
+        self.tokenizer_sha256: str | None = None  # saved, and checked on resume, when the trainer sets it
 
     def resume(self) -> Resumed | None:
         """Load the checkpoint `train.resume` asks for into the model, optimizer and scaler (None: fresh)."""
@@ -143,6 +144,16 @@ class Checkpointer:
         step, steps = manifest_step(path), self.config.train.steps
         if step > steps:
             return None, notes, f"{path} is at step {step}, past train.steps={steps} (raise train.steps)"
+        saved = (checkpoint.read_manifest(path).get("state") or {}).get("tokenizer_sha256")
+        if saved and self.tokenizer_sha256 and saved != self.tokenizer_sha256:
+            return (
+                None,
+                notes,
+                (
+                    f"{path} was trained with another tokenizer (sha256 {saved[:12]}..., this run's "
+                    f"{self.tokenizer_sha256[:12]}...): its token ids mean other text"
+                ),
+            )
         return path, notes + make_head(self.root, path, step), None
 
     def due(self, step: int) -> bool:
@@ -155,6 +166,8 @@ class Checkpointer:
         """Write the checkpoint of `step` (completed steps) and prune old ones. Collective."""
         context = self.context
         state = {"last_log_step": last_log_step, "skipped_nonfinite": skipped}
+        if self.tokenizer_sha256:
+            state["tokenizer_sha256"] = self.tokenizer_sha256
         if self.scaler is not None:
             state["loss_scaler"] = self.scaler.state_dict()
         path = checkpoint.save(

@@ -33,6 +33,7 @@ from train.config_rules import (
     RULES,
     YamlDumper,
     YamlLoader,
+    broken_relation,
     convert,
     describe,
     plain,
@@ -61,10 +62,14 @@ class DataConfig:
     """Folder of the tokenizer and the memory-mapped token files (`train.bin`, `val.bin` + JSON sidecars);
     shared by every rank."""
     max_corpus_mb: float | None = 4.0
-    """Cap on the corpus size, in MiB (> 0; null: everything)."""
+    """Cap on the bytes of the corpus read, in MiB (> 0; null: everything); the last file is cut short."""
     val_fraction: float = 0.05
     """Fraction of the documents held out for validation, spread over the corpus and never trained on;
-    in (0, 0.5]."""
+    in (0, 0.5]. When those documents would hold less than half or more than twice this share of the
+    bytes (few or uneven documents), the last `val_fraction` of the tokens instead; the log says which."""
+    encoding_errors: str = "strict"
+    """Corpus bytes that are not UTF-8: `strict` (an error naming the file) or `replace` (read as U+FFFD;
+    the log counts the files)."""
 
 
 @dataclass
@@ -320,21 +325,9 @@ def config_from_dict(raw: dict) -> Config:
         for name, cls in SECTIONS.items()
     }
     cfg = Config(model=_check_model(raw.get("model")), **sections)
-    if cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(
-            f"optim.min_lr={cfg.optim.min_lr!r}: expected a value <= optim.lr ({cfg.optim.lr!r})"
-        )
-    timeout, startup = cfg.distributed.timeout_s, cfg.distributed.startup_timeout_s
-    if startup < timeout:
-        raise ConfigError(
-            f"distributed.startup_timeout_s={startup!r}: expected a value >= distributed.timeout_s "
-            f"({timeout!r}), since it bounds the first step too"
-        )
-    micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if micro is not None and micro > batch:
-        raise ConfigError(
-            f"train.micro_batch_size={micro!r}: expected a value <= train.global_batch_size ({batch})"
-        )
+    broken = broken_relation(cfg)
+    if broken:
+        raise ConfigError(broken)
     tc = cfg.train
     try:
         check_curriculum(

@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     "data.seq_len": _at_least(1),
     "data.max_corpus_mb": _POSITIVE,
     "data.val_fraction": ((lambda v: 0 < v <= 0.5), "a value in (0, 0.5]"),
+    "data.encoding_errors": _one_of("strict", "replace"),
     "distributed.backend": _one_of("auto", "gloo", "nccl"),
     "distributed.dp": _at_least(1),
     "distributed.tp": _at_least(1),
@@ -82,6 +83,23 @@ RULES: dict[str, Rule] = {
     "lora.targets": (bool, "at least one module name"),
     "lora.quantize_base": _one_of("nf4"),
 }
+
+
+def broken_relation(cfg: Any) -> str | None:
+    """What is wrong between two keys of a `Config` (each fine alone), or None."""
+    if cfg.optim.min_lr > cfg.optim.lr:
+        return f"optim.min_lr={cfg.optim.min_lr!r}: expected a value <= optim.lr ({cfg.optim.lr!r})"
+    timeout, startup = cfg.distributed.timeout_s, cfg.distributed.startup_timeout_s
+    if startup < timeout:
+        return (
+            f"distributed.startup_timeout_s={startup!r}: expected a value >= distributed.timeout_s "
+            f"({timeout!r}), since it bounds the first step too"
+        )
+    micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if micro is not None and micro > batch:
+        return f"train.micro_batch_size={micro!r}: expected a value <= train.global_batch_size ({batch})"
+    return None
+
 
 # Keys that used to be booleans: true/false still accepted, as these values.
 BOOL_ALIASES: dict[str, dict[bool, str]] = {

@@ -15,6 +15,7 @@ returns. Tests may hand it a `train.faults.FaultPlan`; a run without one has no 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -84,6 +85,7 @@ class Trainer:
             cache_dir=config.data.cache_dir,
             max_corpus_mb=config.data.max_corpus_mb,
             val_fraction=config.data.val_fraction,
+            encoding_errors=config.data.encoding_errors,
             is_builder=topo.local_rank == 0,
             barrier=context.barrier,
             log=context.log,
@@ -106,6 +108,9 @@ class Trainer:
         self.checkpoints = Checkpointer(
             config, resolved, context, self.parts, self.optimizer, self.scaler, faults
         )
+        self.checkpoints.tokenizer_sha256 = hashlib.sha256(
+            self.dataset.tokenizer.to_str().encode()
+        ).hexdigest()
         self.resumed = self.checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: fresh
         if context.is_main:  # only once the start is sure: a refused resume leaves config.yaml as it was
             dump_config(resolved, self.out_dir / "config.yaml")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from train.data.sources import MIB, corpus_files, read_text
+from train.data.sources import MIB, byte_limits, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, train_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the corpus cap applies to the bytes read; validation split bounds
 _ENCODE_BATCH = 64
 
 
@@ -62,12 +62,28 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "train.json").is_file() and (folder / "val.json").is_file()
 
 
-def _encode_documents(tok: tokenizers.Tokenizer, files: list[Path], eot_id: int) -> Iterator[np.ndarray]:
+def _encode_documents(
+    tok: tokenizers.Tokenizer, files: list[Path], eot_id: int, read: Callable[[Path], str] = read_text
+) -> Iterator[np.ndarray]:
     """Each document's token ids followed by ``eot_id``; ``<|endoftext|>`` inside a text is plain text."""
     for i in range(0, len(files), _ENCODE_BATCH):
-        texts = [read_text(p) for p in files[i : i + _ENCODE_BATCH]]
+        texts = [read(p) for p in files[i : i + _ENCODE_BATCH]]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
             yield np.array([*enc.ids, eot_id], dtype=np.int64)
+
+
+def _val_documents(files: list[Path], val_fraction: float, limits: dict[Path, int]) -> set[int] | None:
+    """The held-out documents, spread evenly over the corpus so validation sees every kind of text; None
+    when they would not hold between half and twice `val_fraction` of the bytes (one document, or too few
+    or too uneven ones): the split then takes the tail of the tokens, `val_fraction` of them."""
+    n = len(files)
+    if n == 1:
+        return None
+    k = min(max(round(n * val_fraction), 1), n - 1)
+    index = {int((j + 0.5) * n / k) for j in range(k)}
+    sizes = [limits.get(p, p.stat().st_size) for p in files]
+    share = sum(sizes[i] for i in index) / max(1, sum(sizes))
+    return index if val_fraction / 2 <= share <= 2 * val_fraction else None
 
 
 def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dict) -> int:
@@ -92,17 +108,26 @@ def _build(
     vocab_size: int,
     val_fraction: float,
     log: Callable[[str], None],
+    encoding_errors: str = "strict",
+    limits: dict[Path, int] | None = None,
 ) -> None:
     """Build the cache in a temporary folder next to ``folder`` and rename it into place."""
-    start = time.perf_counter()
-    mib = sum(p.stat().st_size for p in files) / MIB
+    start, limits, replaced = time.perf_counter(), limits or {}, set()
+
+    def read(path: Path) -> str:
+        text = read_text(path, encoding_errors, limits.get(path))
+        if encoding_errors == "replace" and "\ufffd" in text:
+            replaced.add(path)
+        return text
+
+    mib = sum(limits.get(p, p.stat().st_size) for p in files) / MIB
     log(f"data: building token cache {folder} from {len(files)} files ({mib:.2f} MiB)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         if given is None:
             log(f"data: training byte-level BPE tokenizer (vocab_size={vocab_size})")
-            tok = train_tokenizer((read_text(p) for p in files), vocab_size)
+            tok = train_tokenizer((read(p) for p in files), vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
         else:
             tok = given
@@ -118,22 +143,28 @@ def _build(
         }
         n_docs = len(files)
         log(f"data: tokenizing {n_docs} documents (vocab {tok.get_vocab_size()})")
-        if n_docs == 1:
-            ids = next(_encode_documents(tok, files, eot_id))
+        val_index = _val_documents(files, val_fraction, limits)
+        if val_index is None:  # one document, or too few or too uneven ones: the tail of the tokens
+            ids = np.concatenate(list(_encode_documents(tok, files, eot_id, read)))
             cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
-            n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
-            n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
+            n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": n_docs})
+            n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": n_docs})
+            how = "the last tokens of the corpus"
         else:
-            n_val_docs = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
-            # Spread the held-out documents evenly over the corpus so validation sees every kind of text.
-            val_index = {int((j + 0.5) * n_docs / n_val_docs) for j in range(n_val_docs)}
             head = [p for i, p in enumerate(files) if i not in val_index]
             tail = [p for i, p in enumerate(files) if i in val_index]
             n_train = _write_split(
-                tmp, "train", _encode_documents(tok, head, eot_id), {**info, "num_documents": len(head)}
+                tmp, "train", _encode_documents(tok, head, eot_id, read), {**info, "num_documents": len(head)}
             )
             n_val = _write_split(
-                tmp, "val", _encode_documents(tok, tail, eot_id), {**info, "num_documents": len(tail)}
+                tmp, "val", _encode_documents(tok, tail, eot_id, read), {**info, "num_documents": len(tail)}
+            )
+            how = f"{len(tail)} of {n_docs} documents"
+        log(f"data: validation split: {how}, {n_val / (n_train + n_val):.1%} of the tokens")
+        if replaced:
+            log(
+                f"data: {len(replaced)} files had bytes that are not UTF-8, read as U+FFFD "
+                "(data.encoding_errors=replace)"
             )
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
@@ -178,6 +209,7 @@ def prepare_dataset(
     is_builder: bool,
     barrier: Callable[[], None],
     log: Callable[[str], None] = print,
+    encoding_errors: str = "strict",
 ) -> Dataset:
     """Tokenize ``corpus`` once into ``cache_dir`` and memory-map it; every rank of a job calls this.
 
@@ -186,7 +218,10 @@ def prepare_dataset(
     the ``is_builder`` rank builds it (atomically: temporary folder, then rename). Then every rank calls
     ``barrier()`` exactly once, also when this call fails, so ranks never diverge; then every rank loads
     it. The validation split is ``val_fraction`` of the documents, spread evenly over the corpus (at
-    least one each side), or the tail of the tokens when there is a single document.
+    least one each side), or the tail of the tokens when that would hold less than half or more than twice
+    ``val_fraction`` of the corpus (see ``_val_documents``). ``max_corpus_mb`` caps the bytes read, the
+    last file cut short if needed; ``encoding_errors`` (``strict``, ``replace``) is for bytes that are
+    not UTF-8.
     """
     try:
         if not 0 < val_fraction < 1:
@@ -201,7 +236,10 @@ def prepare_dataset(
         if _is_complete(folder):
             log(f"data: cache hit {folder}")
         elif is_builder:
-            _build(folder, key, files, given, tokenizer, vocab_size, val_fraction, log)
+            limits = byte_limits(files, max_corpus_mb)
+            _build(
+                folder, key, files, given, tokenizer, vocab_size, val_fraction, log, encoding_errors, limits
+            )
     finally:
         barrier()
     if not _is_complete(folder):
