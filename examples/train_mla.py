@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> dict
     )
     parser.add_argument("--print-config", action="store_true", help="print the configuration and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after --config
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:

@@ -325,3 +325,59 @@ def test_the_corpus_cap_applies_to_the_bytes_read_of_a_single_huge_file(tmp_path
     tokens = len(dataset.val_tokens) + len(dataset.train_tokens)
     assert tokens <= 0.05 * 2**20, tokens  # at most one token per byte of the 52,428 read
     assert any("(0.05 MiB)" in line for line in logs), logs
+
+
+def test_settings_without_effect_are_named_and_overrides_may_follow_the_config_file(tmp_path):
+    from train.config import load_config
+    from train.layout import ignored_settings
+
+    config = load_config(
+        None, ["distributed.sequence_parallel=true", "data.tokenizer=t.json", "data.vocab_size=999"]
+    )
+    notes = ignored_settings(config, tp=1, vocab_size=512)
+    assert notes[0].startswith("distributed.sequence_parallel=true has no effect with tp=1")
+    assert notes[1].startswith("data.vocab_size=999 is unused") and "(512 tokens)" in notes[1]
+    assert ignored_settings(load_config(None, []), tp=1, vocab_size=512) == []
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 3\n")
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_mla.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "train.seed=7",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "train.steps=5",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "steps: 5" in result.stdout and "seed: 7" in result.stdout
+
+
+def test_a_section_given_twice_in_yaml_is_an_error(tmp_path):
+    from train.config import ConfigError, load_config
+
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 3\nmodel:\n  hidden_size: 64\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"'train' appears twice in one mapping"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        ("--gpu-memory=nan", "--gpu-memory=nan"),
+        ("--gpu-memory=-5", "--gpu-memory=-5.0"),
+        ("--top=0", "--top=0"),
+    ],
+)
+def test_the_planner_refuses_bad_numbers(option, fragment, capsys):
+    from train.plan import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    first = sorted(config.glob("*.yaml"))[0]
+    assert main(["--config", str(first), "--gpus", "1", "--gpu", "h100", option]) == 2
+    assert fragment in capsys.readouterr().err

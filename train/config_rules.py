@@ -121,7 +121,17 @@ _FLOAT = re.compile(
 
 
 class YamlLoader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A mapping; a key given twice (a section or a key repeated) is an error, not a silent override."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 class YamlDumper(yaml.SafeDumper):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from models.config import MLAConfig
 from models.deepseek import read_config
 from models.transformer import StageSpec, split_layers
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, DataConfig
 
 if TYPE_CHECKING:
     from train.data import Dataset
@@ -84,6 +84,20 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
             f"distributed.tp={dc.tp} ranks, so it must be divisible by it"
         )
     return None
+
+
+def ignored_settings(config: Config, tp: int, vocab_size: int) -> list[str]:
+    """Settings that have no effect in this run, one line each naming the key (warnings, not errors)."""
+    notes = []
+    if config.distributed.sequence_parallel and tp == 1:
+        notes.append("distributed.sequence_parallel=true has no effect with tp=1 (nothing to split over)")
+    given = config.data.tokenizer or config.model.get("pretrained")
+    if given and config.data.vocab_size != DataConfig.vocab_size:
+        notes.append(
+            f"data.vocab_size={config.data.vocab_size} is unused: the vocabulary is that of the given "
+            f"tokenizer ({vocab_size} tokens)"
+        )
+    return notes
 
 
 def check_supported(config: Config, mcfg: MLAConfig) -> None:

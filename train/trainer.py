@@ -36,7 +36,7 @@ from train.context import RunContext
 from train.data import BatchSampler, prepare_dataset, validation_windows
 from train.faults import FaultPlan, NonFiniteError, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
-from train.layout import Layout, check_tokens, model_config
+from train.layout import Layout, check_tokens, ignored_settings, model_config
 from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
 from train.rundir import claim_for_run, release
@@ -93,6 +93,8 @@ class Trainer:
         self.mcfg = model_config(config, self.dataset.vocab_size)
         self.layout = Layout.resolve(config, self.mcfg, topo.dp_size, topo.tp_size)
         check_tokens(self.mcfg, self.dataset)
+        for note in ignored_settings(config, topo.tp_size, self.dataset.vocab_size):
+            context.log(f"warning: {note}")
         seq_len = config.data.seq_len
         self.sampler = BatchSampler(self.dataset.train_tokens, seq_len, tc.global_batch_size, tc.seed)
         self.val_windows = validation_windows(
