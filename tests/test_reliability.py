@@ -381,3 +381,16 @@ def test_the_planner_refuses_bad_numbers(option, fragment, capsys):
     first = sorted(config.glob("*.yaml"))[0]
     assert main(["--config", str(first), "--gpus", "1", "--gpu", "h100", option]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from train.config import load_config
+    from train.context import RunContext
+    from train.rundir import claim_for_run
+
+    (tmp_path / "cache").write_text("not a folder")
+    config = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'run'}"])
+    context = RunContext(Topology(dims=ParallelDims(), rank=0, local_rank=0, device=torch.device("cpu")), "")
+    with pytest.raises(RunDirError, match=r"data.cache_dir='.*cache': is a file, expected a folder"):
+        claim_for_run(config, context)
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@
 `claim(out_dir, resume, overwrite)` runs on global rank 0 before the data is built:
 
 - the folder must be a writable folder (or creatable): a file in its place, a read-only filesystem or a
-  missing permission is a one-line error naming the path;
+  missing permission is a one-line error naming the path (`claim_for_run` checks `data.cache_dir` alike);
 - `out_dir/.lock` is created exclusively (`O_CREAT | O_EXCL`) and holds this run's host, pid and torchrun
   job id. A second run on the same folder is refused with the holder's host and pid. A lock is stale, and
   taken over with a warning, when its process is gone (same host, pid not running) or when it belongs to
@@ -70,8 +70,9 @@ def _stale(holder: dict) -> str | None:
     return None
 
 
-def _check_folder(out_dir: Path) -> None:
-    text = f"train.out_dir={str(out_dir)!r}"
+def check_folder(out_dir: Path, key: str = "train.out_dir") -> None:
+    """`out_dir` is, or can be made, a writable folder; else a one-line `RunDirError` naming `key`."""
+    text = f"{key}={str(out_dir)!r}"
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"{text}: is a file, expected a folder")
     try:
@@ -142,7 +143,7 @@ def claim(out_dir: str | Path, resume: str, overwrite: bool, warn, log) -> Path:
             f"train.out_dir={str(out_dir)!r}: expected a folder for the run's files (not empty)"
         )
     out_dir = Path(out_dir)
-    _check_folder(out_dir)
+    check_folder(out_dir)
     lock = _take_lock(out_dir, warn)
     try:
         held = sorted(name for name in RUN_FILES if (out_dir / name).exists())
@@ -173,12 +174,13 @@ def release(lock: Path | None) -> None:
 
 
 def claim_for_run(config: Config, context: RunContext) -> Path | None:
-    """`claim` on global rank 0, its outcome told to every rank (all raise the same `RunDirError`);
-    returns the lock on rank 0, None elsewhere."""
+    """`claim` on global rank 0 (`data.cache_dir` checked first), its outcome told to every rank (all
+    raise the same `RunDirError`); returns the lock on rank 0, None elsewhere."""
     tc, lock, error = config.train, None, None
     if context.is_main:
         try:
             warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
+            check_folder(Path(config.data.cache_dir), "data.cache_dir")
             lock = claim(tc.out_dir, tc.resume, tc.overwrite, warn, context.log)
         except RunDirError as caught:
             error = str(caught)
