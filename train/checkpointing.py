@@ -115,6 +115,9 @@ class Checkpointer:
             context.log(f"resume: no checkpoint in {self.root}, starting from step 0")
             return None
         info = checkpoint.load(path, self.parts, self.optimizer, topology=context.topology)
+        if context.is_main:  # loaded: it becomes the head of this folder's lineage (train/lineage.py)
+            for line in make_head(self.root, Path(path), info["step"]):
+                context.log(line)
         state = info["state"] or {}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -136,8 +139,8 @@ class Checkpointer:
         )
 
     def _choose(self) -> tuple[Path | None, list[str], str | None]:
-        """`choose_checkpoint`, refused when the checkpoint is past `train.steps`; a checkpoint taken
-        becomes the head of this folder's lineage (train/lineage.py). Rank 0."""
+        """`choose_checkpoint`, refused when the checkpoint is past `train.steps` or was trained with
+        another tokenizer. Rank 0."""
         path, notes, error = choose_checkpoint(self.config.train.resume, self.root)
         if path is None or error:
             return path, notes, error
@@ -154,7 +157,7 @@ class Checkpointer:
                     f"{self.tokenizer_sha256[:12]}...): its token ids mean other text"
                 ),
             )
-        return path, notes + make_head(self.root, path, step), None
+        return path, notes, None
 
     def due(self, step: int) -> bool:
         every = self.config.train.save_every
