@@ -1,12 +1,12 @@
 """A hang watchdog on every rank: names the rank and what it waits in when a phase outlives its timeout.
 
 The trainer labels each phase of a step as it enters it (`phase("step 12: gradient clipping (norm
-all-reduce over tp/pp)")`); a daemon thread checks once a second. When one phase has lasted longer than
-its limit (`distributed.startup_timeout_s` until the first step is done, then `distributed.timeout_s`),
-the rank prints `error: [rank R] hung for N s in <phase>` and ends its process, so torchrun stops the job
+all-reduce over tp/pp)")`); a daemon thread checks once a second. When one phase has lasted 95% of its
+limit (`distributed.startup_timeout_s` until the first step is done, then `distributed.timeout_s`), the
+rank prints `error: [rank R] hung for N s in <phase>` and ends its process, so torchrun stops the job
 and every rank's log says where it was: the ranks waiting in a collective name that collective, and a
-rank stuck elsewhere names where. The collective timeouts of the process groups (set to the same
-values) remain the backstop; the watchdog fires first, a few seconds after the limit.
+rank stuck elsewhere names where. The collective timeouts of the process groups (the same
+limits) remain the backstop; the watchdog fires just before them, so that its line is the one printed.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.seconds / 4)):
             waited = time.monotonic() - self.since
-            if waited > self.seconds:
+            if waited > 0.95 * self.seconds:
                 self.on_hang(
                     f"error: [rank {self.rank}] hung for {waited:.0f} s in {self.label} (limit "
                     f"{self.seconds:g} s: distributed.timeout_s, or startup_timeout_s before the first step)"
