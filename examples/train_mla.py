@@ -17,6 +17,7 @@ from models.config import MLAConfig
 from train.config import ConfigError, config_to_dict, load_config
 from train.context import fail
 from train.faults import FaultPlan, NonFiniteError
+from train.rundir import RunDirError
 from train.trainer import train_once
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> dict
     )
     parser.add_argument("--print-config", action="store_true", help="print the configuration and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after --config
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None, faults: FaultPlan | None = None) -> dict
             print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return None
         return train_once(config, faults=faults)
-    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
+    except (ConfigError, RunDirError, ValueError, NonFiniteError) as error:  # alike on every rank
+        fail(str(error).splitlines()[0] if str(error) else repr(error), every_rank=False)
+    except OSError as error:  # maybe this rank's alone (a file, a folder, a disk of this node)
         fail(str(error).splitlines()[0] if str(error) else repr(error))
+    except KeyboardInterrupt as error:
+        fail(str(error) or "interrupted", code=130)
 
 
 if __name__ == "__main__":

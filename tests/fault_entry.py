@@ -2,12 +2,16 @@
 own options. Run it where train_mla.py would run (directly, or as torchrun's script):
 
     python tests/fault_entry.py [--fault-nan-step K] [--fault-kill-step K] [--fault-sigterm-step K]
-        [--fault-kill-in-save K] [--fault-oom STEP:MICROBATCH,...] [--fault-rank R] [train_mla.py args]
+        [--fault-sigint-step K] [--fault-error-step K]
+        [--fault-kill-in-save K] [--fault-oom STEP:MICROBATCH,...] [--fault-rank R] [--fault-once FILE]
+        [train_mla.py args]
 
 Which process meets the faults is decided here, so the library never looks at the environment for
 them: rank `--fault-rank` (default 1; with only `--fault-nan-step`, every rank unless it is given), and
 only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0) except for NaN, so that a
-restarted worker resumes cleanly.
+restarted worker resumes cleanly. With several torchrun agents ("nodes") each agent counts its own
+restarts, so `--fault-once FILE` decides instead: the faults fire in the first process that finds no FILE
+(it creates it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def fault_plan(args: argparse.Namespace, rank: int, first_attempt: bool) -> Faul
     others = {
         "kill_step": args.fault_kill_step,
         "sigterm_step": args.fault_sigterm_step,
+        "sigint_step": args.fault_sigint_step,
+        "error_step": args.fault_error_step,
         "kill_in_save_step": args.fault_kill_in_save,
         "oom": parse_oom(args.fault_oom),
     }
@@ -48,12 +54,26 @@ def fault_plan(args: argparse.Namespace, rank: int, first_attempt: bool) -> Faul
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, add_help=False)
-    for name in ("nan-step", "kill-step", "sigterm-step", "kill-in-save", "rank"):
+    for name in (
+        "nan-step",
+        "kill-step",
+        "sigterm-step",
+        "sigint-step",
+        "error-step",
+        "kill-in-save",
+        "rank",
+    ):
         parser.add_argument(f"--fault-{name}", type=int)
     parser.add_argument("--fault-oom", default="")
+    parser.add_argument("--fault-once")
     args, rest = parser.parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if args.fault_once:
+        fault_rank = args.fault_rank if args.fault_rank is not None else 1
+        first_attempt = rank == fault_rank and not Path(args.fault_once).exists()
+        if first_attempt:
+            Path(args.fault_once).touch()
     spec = importlib.util.spec_from_file_location("train_mla", ROOT / "examples" / "train_mla.py")
     train_mla = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_mla)

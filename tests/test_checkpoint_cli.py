@@ -114,6 +114,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(
     result = torchrun(args, faults=["--fault-kill-in-save=4"], max_restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
     incomplete = tmp_path / "checkpoints" / "step-00000004.tmp"
-    assert f"warning: skipping checkpoint {incomplete}: incomplete" in result.stderr
+    # the restarted run removes the dead save's folder before choosing (train/rundir.py)
+    assert f"warning: removing {incomplete}: a save that did not finish" in result.stderr
     assert f"resumed from {tmp_path / 'checkpoints' / 'step-00000002'} (step 2" in result.stdout
     _assert_same_run(tmp_path, reference)

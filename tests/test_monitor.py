@@ -67,8 +67,11 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_loss_curve(
     # bf16: each micro-batch's gradient is rounded to bf16 before the fp32 bucket sums it, so another
     # split changes more than the summation order (measured: 1.5e-4 relative on the gradient norm)
     rel_norm = 1e-4 if precision == "fp32" else 1e-3
+    # the loss of the steps after such an update follows it: measured up to 1.1e-5 relative in bf16
+    # (the corpus read up to data.max_corpus_mb exactly), 1e-5 is too tight for bf16
+    rel_loss = 1e-5 if precision == "fp32" else 1e-4
     for got, want in zip(history, reference["history"], strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["loss"] == pytest.approx(want["loss"], rel=rel_loss)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel_norm)
 
 

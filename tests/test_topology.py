@@ -71,3 +71,38 @@ def _check_mismatch() -> None:
 
 def test_world_size_mismatch_in_a_real_world():
     run_distributed(2, _check_mismatch)
+
+
+def test_every_rank_agrees_on_this_attempts_store_keys_despite_a_dead_attempts_keys():
+    """torchrun keeps its store across restarts: a dead attempt's keys (leader token, answers, replies)
+    are still there. Ranks that start before the new rank 0 read the dead token first; all must still
+    agree on the new one, whatever order they start in."""
+    import datetime
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from parallel.topology import STORE_PREFIX, _agree_on_attempt
+
+    timeout = datetime.timedelta(seconds=20)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    key = f"{STORE_PREFIX}/agree"
+    server.set(f"{key}/leader", "dead")  # the attempt before, all of its processes gone
+    for r in (1, 2):
+        server.set(f"{key}/ack/dead/{r}", f"old-nonce-{r}")
+        server.set(f"{key}/go/old-nonce-{r}", "dead")
+    tokens = {}
+
+    def rank(r: int, delay: float) -> None:
+        time.sleep(delay)
+        store = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
+        tokens[r] = _agree_on_attempt(store, r, 3, timeout)
+
+    threads = [threading.Thread(target=rank, args=(r, d)) for r, d in ((1, 0.0), (2, 0.0), (0, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(tokens) == 3 and len(set(tokens.values())) == 1, tokens
+    assert tokens[0] != "dead"

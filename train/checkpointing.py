@@ -11,10 +11,12 @@ the batch of step k depends only on (seed, k)), the tokens consumed, the fp16 lo
 non-finite steps skipped, each rank's running loss since the last log record, the RNG states of every
 rank, the resolved config and the wandb run id (train/trackers.py).
 
-`train.resume`: `never`; `auto`, the newest complete and checksum-valid checkpoint of this run's
-`out_dir` (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh); or a
-path: a checkpoint folder, or a run's `out_dir` or `checkpoints/` folder (its newest valid checkpoint),
-an error when it holds none. Global rank 0 chooses and tells the others.
+`train.resume`: `never`; `auto`, the checkpoint `checkpoints/latest` names, or the newest valid one older
+than it (incomplete or corrupted ones are skipped with a warning saying why; none: start afresh; see
+train/lineage.py); or a path: a checkpoint folder, or a run's `out_dir` or `checkpoints/` folder (its
+newest valid checkpoint), an error when it holds none. A checkpoint past `train.steps` is refused. The
+checkpoint taken becomes the head of the folder's lineage: newer ones are moved to a side folder. Global
+rank 0 chooses and tells the others.
 
 In the same layout a resumed run continues bit for bit: same weights, optimizer state, RNG, logging
 window. In another layout the weights and optimizer state are re-cut exactly (8-bit moments
@@ -40,6 +42,7 @@ from parallel.pipeline import ModelParts
 from train.config import Config, ConfigError, config_to_dict
 from train.context import RunContext
 from train.faults import FaultPlan
+from train.lineage import find_auto, make_head, manifest_step
 from train.progress import Progress
 
 
@@ -73,7 +76,7 @@ def choose_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[str], 
     """(checkpoint, notes on skipped ones, error) for `train.resume` = `auto` (the newest valid one under
     `root`) or a path (see the module docstring)."""
     if resume == "auto":
-        found, notes = checkpoint.find_latest(root)
+        found, notes = find_auto(root)  # follows `latest` (train/lineage.py)
         return found, notes, None
     path = Path(resume)
     if (path / checkpoint.MANIFEST).exists() or checkpoint.STEP_DIR.fullmatch(path.name):
@@ -103,13 +106,14 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.pending: checkpoint.PendingSave | None = None  # train.async_save: the save being written
         self.group = checkpoint.new_save_group(context.topology) if config.train.async_save else None
+        self.tokenizer_sha256: str | None = None  # saved, and checked on resume, when the trainer sets it
 
     def resume(self) -> Resumed | None:
         """Load the checkpoint `train.resume` asks for into the model, optimizer and scaler (None: fresh)."""
         resume, context = self.config.train.resume, self.context
         if resume == "never":
             return None
-        choice = choose_checkpoint(resume, self.root) if context.is_main else None
+        choice = self._choose() if context.is_main else None
         path, notes, error = _broadcast(context, choice)
         for note in notes:
             _warn(context, note)
@@ -123,6 +127,9 @@ class Checkpointer:
             path, self.parts, self.optimizer, topology=context.topology, progress=progress.track
         )
         progress.close()
+        if context.is_main:  # loaded: it becomes the head of this folder's lineage (train/lineage.py)
+            for line in make_head(self.root, Path(path), info["step"]):
+                context.log(line)
         state = info["state"] or {}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -144,6 +151,27 @@ class Checkpointer:
             wandb_run_id=state.get("wandb_run_id"),
         )
 
+    def _choose(self) -> tuple[Path | None, list[str], str | None]:
+        """`choose_checkpoint`, refused when the checkpoint is past `train.steps` or was trained with
+        another tokenizer. Rank 0."""
+        path, notes, error = choose_checkpoint(self.config.train.resume, self.root)
+        if path is None or error:
+            return path, notes, error
+        step, steps = manifest_step(path), self.config.train.steps
+        if step > steps:
+            return None, notes, f"{path} is at step {step}, past train.steps={steps} (raise train.steps)"
+        saved = (checkpoint.read_manifest(path).get("state") or {}).get("tokenizer_sha256")
+        if saved and self.tokenizer_sha256 and saved != self.tokenizer_sha256:
+            return (
+                None,
+                notes,
+                (
+                    f"{path} was trained with another tokenizer (sha256 {saved[:12]}..., this run's "
+                    f"{self.tokenizer_sha256[:12]}...): its token ids mean other text"
+                ),
+            )
+        return path, notes, None
+
     def due(self, step: int) -> bool:
         every = self.config.train.save_every
         return bool(every) and step % every == 0
@@ -162,6 +190,8 @@ class Checkpointer:
         save); `wait()` waits for the write."""
         context = self.context
         state = {"last_log_step": last_log_step, "skipped_nonfinite": skipped}
+        if self.tokenizer_sha256:
+            state["tokenizer_sha256"] = self.tokenizer_sha256
         if self.scaler is not None:
             state["loss_scaler"] = self.scaler.state_dict()
         if wandb_run_id is not None:

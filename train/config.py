@@ -32,6 +32,7 @@ from train.config_rules import (
     YamlDumper,
     YamlLoader,
     _warned_deprecated,  # noqa: F401  (tests reset the warn-once set)
+    broken_relation,
     convert,
     describe,
     one_line,
@@ -127,15 +128,9 @@ def config_from_dict(raw: dict) -> Config:
         for name, cls in SECTIONS.items()
     }
     cfg = Config(model=_check_model(raw.get("model")), **sections)
-    if cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(
-            f"optim.min_lr={cfg.optim.min_lr!r}: expected a value <= optim.lr ({cfg.optim.lr!r})"
-        )
-    micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if micro is not None and micro > batch:
-        raise ConfigError(
-            f"train.micro_batch_size={micro!r}: expected a value <= train.global_batch_size ({batch})"
-        )
+    broken = broken_relation(cfg)
+    if broken:
+        raise ConfigError(broken)
     tc = cfg.train
     try:
         check_curriculum(

@@ -34,6 +34,7 @@ def _at_least(low: int) -> Rule:
 
 
 _POSITIVE: Rule = (lambda v: v > 0), "a value > 0"
+_SECONDS: Rule = (lambda v: 0 < v < 1e7), "a number of seconds > 0 and finite (< 1e7)"
 
 
 def _mixture_entry(entry: dict) -> bool:
@@ -61,6 +62,7 @@ RULES: dict[str, Rule] = {
         (lambda v: len(v) > 0 and all(_mixture_entry(e) for e in v)),
         "a non-empty list of {corpus: path, format: optional, weight: number > 0}",
     ),
+    "data.encoding_errors": _one_of("strict", "replace"),
     "distributed.backend": _one_of("auto", "gloo", "nccl"),
     "distributed.dp": _at_least(1),
     "distributed.tp": _at_least(1),
@@ -71,8 +73,8 @@ RULES: dict[str, Rule] = {
     "distributed.virtual_stages": _at_least(1),
     "distributed.pp_layers": ((lambda v: all(x >= 1 for x in v)), "a list of positive layer counts"),
     "distributed.bucket_cap_mb": _POSITIVE,
-    "distributed.timeout_s": _POSITIVE,
-    "distributed.startup_timeout_s": _POSITIVE,
+    "distributed.timeout_s": _SECONDS,
+    "distributed.startup_timeout_s": _SECONDS,
     "distributed.recompute": _one_of("none", "full", "selective"),
     "optim.name": _one_of("adamw", "adamw8bit"),
     "optim.lr": _POSITIVE,
@@ -94,6 +96,7 @@ RULES: dict[str, Rule] = {
     "train.save_every": _at_least(0),
     "train.keep_last": _at_least(2),
     "train.on_nonfinite": _one_of("raise", "skip"),
+    "train.max_skipped_steps": _at_least(0),
     "train.sample_tokens": _at_least(0),
     "train.curriculum_start_seq_len": _at_least(1),
     "train.curriculum_steps": _at_least(0),
@@ -120,6 +123,23 @@ RULES: dict[str, Rule] = {
     "lora.quantize_base": _one_of("nf4"),
 }
 
+
+def broken_relation(cfg: Any) -> str | None:
+    """What is wrong between two keys of a `Config` (each fine alone), or None."""
+    if cfg.optim.min_lr > cfg.optim.lr:
+        return f"optim.min_lr={cfg.optim.min_lr!r}: expected a value <= optim.lr ({cfg.optim.lr!r})"
+    timeout, startup = cfg.distributed.timeout_s, cfg.distributed.startup_timeout_s
+    if startup < timeout:
+        return (
+            f"distributed.startup_timeout_s={startup!r}: expected a value >= distributed.timeout_s "
+            f"({timeout!r}), since it bounds the first step too"
+        )
+    micro, batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if micro is not None and micro > batch:
+        return f"train.micro_batch_size={micro!r}: expected a value <= train.global_batch_size ({batch})"
+    return None
+
+
 # Keys that used to be booleans: true/false still accepted, as these values.
 BOOL_ALIASES: dict[str, dict[bool, str]] = {
     "distributed.recompute": {True: "full", False: "none"},
@@ -140,7 +160,17 @@ _FLOAT = re.compile(
 
 
 class YamlLoader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A mapping; a key given twice (a section or a key repeated) is an error, not a silent override."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 class YamlDumper(yaml.SafeDumper):

@@ -29,10 +29,15 @@ class DataConfig:
     """Folder of the tokenizer and the memory-mapped token files (`train.bin`, `val.bin` + JSON sidecars);
     shared by every rank."""
     max_corpus_mb: float | None = None
-    """Cap on the corpus size, in MiB (> 0; null: everything, except `stdlib`, which keeps 4 MiB)."""
+    """Cap on the bytes of the corpus read, in MiB (> 0; null: everything, except `stdlib`, which keeps
+    4 MiB); the last file is cut short."""
     val_fraction: float = 0.05
     """Fraction of the documents held out for validation, spread over the corpus and never trained on;
-    in (0, 0.5]."""
+    in (0, 0.5]. When those documents would hold less than half or more than twice this share of the
+    bytes (few or uneven documents), the last `val_fraction` of the tokens instead; the log says which."""
+    encoding_errors: str = "strict"
+    """Corpus bytes that are not UTF-8: `strict` (an error naming the file) or `replace` (read as U+FFFD;
+    the log counts the files)."""
     format: str = "auto"
     """How corpus files are read: `text` (a file is a document), `jsonl` (a JSON object per line, the
     document in `data.text_field`), `chat` (`messages: [{role, content}]`, loss on assistant turns only),
@@ -100,10 +105,11 @@ class DistributedConfig:
     bucket_cap_mb: float = 25.0
     """Data-parallel gradient bucket size, in MiB (> 0)."""
     timeout_s: float = 600.0
-    """Collective timeout once the first step is done, in seconds (> 0): a lost rank fails the job
+    """Collective timeout once the first step is done, in seconds (> 0, finite): a lost rank fails the job
     instead of hanging it."""
     startup_timeout_s: float = 1800.0
-    """Collective timeout until the first step is done (data building, loading), in seconds (> 0)."""
+    """Collective timeout until the first step is done (data building, loading), in seconds (>=
+    `distributed.timeout_s`), honoured as given."""
 
 
 @dataclass
@@ -159,11 +165,18 @@ class TrainConfig:
     """Folder the run writes its files into."""
     resume: str = "never"
     """`never`; `auto`: the newest complete, checksum-valid checkpoint of `out_dir` (none: start afresh);
-    or a checkpoint folder or run folder."""
+    or a checkpoint folder or run folder. A fresh run (`never`) into a folder that holds a run is refused
+    unless `train.overwrite` is set."""
+    overwrite: bool = False
+    """With `train.resume=never`, move the files of a run already in `out_dir` aside to
+    `<out_dir>.replaced-<time>/` (never deleted) instead of refusing to start."""
     keep_last: int = 3
     """Checkpoints kept (>= 2)."""
     on_nonfinite: str = "raise"
     """A NaN/inf loss or gradient norm: `raise` (stop, naming the step) or `skip` (no update; counted)."""
+    max_skipped_steps: int = 10
+    """`on_nonfinite=skip`: the run stops with an error when more than this many steps in a row are
+    skipped, or more than 5% of `train.steps` (and at least this many) in all (>= 0)."""
     sample_tokens: int = 48
     """Tokens of the sample generated at the end (>= 0; 0: none)."""
     sample_prompt: str = "def "

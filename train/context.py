@@ -69,7 +69,7 @@ class RunContext:
         backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
         # long while starting (one rank may build the data while the others wait); the trainer sets
         # `timeout_s` once the first step is done
-        timeout = max(dist_cfg.timeout_s, dist_cfg.startup_timeout_s)
+        timeout = dist_cfg.startup_timeout_s  # >= timeout_s (train/config.py checks)
         topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, timeout)
         if topology.is_distributed:
             why = "torchrun environment (RANK/WORLD_SIZE set)"
@@ -88,13 +88,18 @@ class RunContext:
         return context
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error (once per world, from rank 0) and exit.
+def fail(message: str, code: int = 2, every_rank: bool = True) -> None:
+    """Print a one-line error and exit: once per rank, prefixed with the rank on all but rank 0 (an
+    error met by one rank alone is then never lost); `every_rank=False` for errors every rank meets
+    alike (configuration, agreed decisions), printed by rank 0 alone.
 
     The other ranks wait a moment before exiting: torchrun stops the whole world when the first process
     exits, and rank 0 must have printed by then."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
+        if every_rank:
+            print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
         time.sleep(3)
     sys.exit(code)

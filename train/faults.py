@@ -1,14 +1,16 @@
 """Faults in the training loop: SIGTERM, non-finite steps, collective timeouts, and fault injection.
 
-- SIGTERM (a preemption, torchrun stopping the job) only sets a flag; at the next step boundary every
-  rank learns it (one all-reduce), the trainer saves a checkpoint and returns normally.
+- SIGTERM (a preemption, torchrun stopping the job) and SIGINT (Ctrl-C) only set a flag; at the next
+  step boundary every rank learns it (one all-reduce), the trainer saves a checkpoint and returns
+  normally. A second SIGINT raises `KeyboardInterrupt` at once (no checkpoint).
 - Non-finite loss or gradient norm: checked on every rank before the optimizer step, in the same
   all-reduce (MAX of three flags over the world: SIGTERM, bad loss, bad gradient norm), so all ranks take
   the same decision even when only one stage or replica sees the NaN. `train.on_nonfinite=raise` stops
   with `NonFiniteError` naming the step; `skip` drops the step (no update, its loss left out of the
-  logged mean) and counts it. Costs one small all-reduce and one host sync per step. Under fp16 the
-  gradient norm is the loss scaler's business (an overflow skips the step and halves the scale), so only
-  the loss is checked.
+  logged mean) and counts it; more than `train.max_skipped_steps` skipped in a row, or in all more than
+  5% of `train.steps` (and more than `max_skipped_steps`), stops the run with `NonFiniteError`. Costs
+  one small all-reduce and one host sync per step. Under fp16 the gradient norm is the loss scaler's
+  business (an overflow skips the step and halves the scale), so only the loss is checked.
 - Collective timeouts: long while starting (tokenizer training, data building on one rank while the
   others wait), `distributed.timeout_s` once the first step has run, so that a hung rank becomes an error.
 
@@ -41,25 +43,36 @@ class NonFiniteError(RuntimeError):
 class StepGuard:
     """Per-step agreement across ranks on SIGTERM and non-finite values (see the module docstring)."""
 
-    def __init__(self, topology: Topology, on_nonfinite: str) -> None:
+    def __init__(
+        self, topology: Topology, on_nonfinite: str, max_skipped: int | None = None, steps: int = 0
+    ) -> None:
         self.topology, self.on_nonfinite = topology, on_nonfinite
-        self.signalled = False  # this process got SIGTERM
-        self.stop_requested = False  # some rank got SIGTERM: save and stop after this step
+        self.max_skipped, self.steps = max_skipped, steps
+        self.signalled = 0  # this process got SIGTERM (1) or SIGINT (2)
+        self.stop_requested = 0  # some rank got one of them: save and stop after this step
         self.skipped: list[int] = []
-        self._previous = None
+        self.in_a_row = 0
+        self._previous: dict = {}
 
     def __enter__(self) -> StepGuard:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signalled:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without a checkpoint")
+        self.signalled = 2 if signum == signal.SIGINT else 1
+
+    @property
+    def stop_signal(self) -> str:
+        return "SIGINT" if self.stop_requested == 2 else "SIGTERM"
 
     def skip_step(
         self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, check_grad_norm: bool
@@ -68,7 +81,7 @@ class StepGuard:
         device = self.topology.device
         flags = torch.stack(
             [
-                torch.tensor(float(self.signalled), device=device),
+                torch.tensor(float(self.signalled), device=device),  # SIGINT wins the MAX
                 (~torch.isfinite(loss.detach().float())).float().to(device),
                 (~torch.isfinite(grad_norm.detach().float())).float().to(device)
                 if check_grad_norm
@@ -77,9 +90,10 @@ class StepGuard:
         )
         if self.topology.is_distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad_loss, bad_norm = (bool(v) for v in flags.tolist())
-        self.stop_requested = self.stop_requested or stop
+        stop, bad_loss, bad_norm = (int(v) for v in flags.tolist())
+        self.stop_requested = max(self.stop_requested, stop)
         if not (bad_loss or bad_norm):
+            self.in_a_row = 0
             return False
         what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient norm", bad_norm)) if bad)
         if self.on_nonfinite == "raise":
@@ -88,7 +102,21 @@ class StepGuard:
                 f"skip such steps)"
             )
         self.skipped.append(step)
+        self.in_a_row += 1
+        self._check_skip_budget(step)
         return True
+
+    def _check_skip_budget(self, step: int) -> None:
+        limit = self.max_skipped
+        if limit is None:
+            return
+        overall = max(limit, int(0.05 * self.steps))
+        if self.in_a_row > limit or len(self.skipped) > overall:
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row, {len(self.skipped)} in all, at step {step}: "
+                f"past train.max_skipped_steps={limit} ({limit} in a row, {overall} in all), the model is "
+                f"not training (the last checkpoint is the last good state)"
+            )
 
     def skipped_since(self, step: int) -> int:
         return sum(1 for s in self.skipped if s > step)
@@ -115,6 +143,9 @@ class FaultPlan:
     nan_step: int | None = None  # the loss and gradients of this step become NaN
     kill_step: int | None = None  # SIGKILL after the backward of this step
     sigterm_step: int | None = None  # SIGTERM to itself after the backward of this step
+    sigint_step: int | None = None  # SIGINT (Ctrl-C) to itself after the backward of this step
+    nan_from_step: int | None = None  # every step from this one on is NaN
+    error_step: int | None = None  # an OSError on this process after the backward of this step
     kill_in_save_step: int | None = None  # SIGKILL while saving this step's checkpoint, before the commit
     oom: list[tuple[int, int]] = field(default_factory=list)
 
@@ -131,7 +162,11 @@ class FaultPlan:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.sigterm_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        if step != self.nan_step:
+        if step == self.sigint_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        if step == self.error_step:
+            raise OSError(f"injected error on this process at step {step} (a test FaultPlan)")
+        if step != self.nan_step and (self.nan_from_step is None or step < self.nan_from_step):
             return loss
         if zero is not None:
             zero.scale_grads(math.nan)

@@ -30,7 +30,7 @@ from models.transformer import MLATransformer, StageSpec, split_layers
 from parallel.lowbit.lora import target_matches
 from parallel.lowbit.quant import nf4_shard_layout
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, DataConfig
 
 if TYPE_CHECKING:
     from train.data import Dataset
@@ -143,6 +143,20 @@ def _nf4_split_problem(config: Config, mcfg: MLAConfig) -> str | None:
         except ValueError as error:
             return f"lora.quantize_base='nf4' with distributed.tp={tp}: {name}: {error}"
     return None
+
+
+def ignored_settings(config: Config, tp: int, vocab_size: int) -> list[str]:
+    """Settings that have no effect in this run, one line each naming the key (warnings, not errors)."""
+    notes = []
+    if config.distributed.sequence_parallel and tp == 1:
+        notes.append("distributed.sequence_parallel=true has no effect with tp=1 (nothing to split over)")
+    given = config.data.tokenizer or config.model.get("pretrained")
+    if given and config.data.vocab_size != DataConfig.vocab_size:
+        notes.append(
+            f"data.vocab_size={config.data.vocab_size} is unused: the vocabulary is that of the given "
+            f"tokenizer ({vocab_size} tokens)"
+        )
+    return notes
 
 
 def check_supported(config: Config, mcfg: MLAConfig) -> None:

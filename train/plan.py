@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -311,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         "--top", type=int, help="how many layouts to list (default: 10; with --json every one that fits)"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.gpus < 1:
             raise ConfigError(f"--gpus={args.gpus}: expected a positive number of GPUs")
+        if args.gpu_memory is not None and not 0 < args.gpu_memory < math.inf:
+            raise ConfigError(f"--gpu-memory={args.gpu_memory}: expected a positive, finite number of GiB")
+        if args.top is not None and args.top < 1:
+            raise ConfigError(f"--top={args.top}: expected a positive number of layouts")
         gpu = gpu_preset(args.gpu)
         config = load_config(args.config, args.overrides)
         mcfg = model_config(config, config.data.vocab_size)
@@ -323,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     fitting = [c for c in candidates if c.fits]
-    shown = fitting if fitting and args.json else (fitting or candidates)[:10]  # else: the closest ten
-    shown = shown[: args.top] if args.top else shown
+    limit = args.top if args.top is not None else (None if fitting and args.json else 10)
+    shown = (fitting or candidates)[:limit]  # none fits: the closest ones
     memory = args.gpu_memory or gpu.memory_gib
     if args.json:
         print(json.dumps([c.to_json() for c in shown], indent=1))

@@ -16,6 +16,7 @@ the step-time breakdown and profiler traces hook into the loop through `train.ob
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -38,24 +39,32 @@ from train.context import RunContext
 from train.data.batch import TokenBatch
 from train.data.loading import load_training_data
 from train.data.tokenizer import resolve_tokenizer
-from train.faults import FaultPlan, StepGuard, set_collective_timeout
+from train.faults import FaultPlan, NonFiniteError, StepGuard, set_collective_timeout
 from train.flops import flops_per_token
 from train.hf_folder import write_hf_folder
-from train.layout import Layout, check_tokens, model_config
+from train.layout import Layout, check_tokens, ignored_settings, model_config
 from train.metrics import MetricsLog, format_seconds, peak_tflops
 from train.monitor import MemoryMonitor, OOMRecovery, oom_explanation
 from train.observability import Observability
+from train.rundir import claim_for_run, release
 from train.schedules import batch_shape_at, lr_at
+from train.watchdog import Watchdog
 
 
 def train_once(config: Config, context: RunContext | None = None, *, faults: FaultPlan | None = None) -> dict:
     """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
     own_context = context is None
     context = context or RunContext.from_config(config)
+    lock, watchdog, tc = None, None, config.train
     try:
-        with StepGuard(context.topology, config.train.on_nonfinite) as guard:  # SIGTERM, NaN/inf
-            return Trainer(config, context, guard, faults).train()
+        lock = claim_for_run(config, context)  # out_dir: ours alone, before any expensive work
+        watchdog = Watchdog(context.rank, config.distributed.startup_timeout_s)  # names the rank on a hang
+        with StepGuard(context.topology, tc.on_nonfinite, tc.max_skipped_steps, tc.steps) as guard:
+            return Trainer(config, context, guard, faults, watchdog).train()
     finally:
+        release(lock)
+        if watchdog is not None:
+            watchdog.close()
         if own_context:
             context.close()
 
@@ -64,7 +73,12 @@ class Trainer:
     """One training job on this rank: built from the config, run to the end by `train()`."""
 
     def __init__(
-        self, config: Config, context: RunContext, guard: StepGuard, faults: FaultPlan | None = None
+        self,
+        config: Config,
+        context: RunContext,
+        guard: StepGuard,
+        faults: FaultPlan | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         pretrained = config.model.get("pretrained")
         # before any work: with a pretrained model, its own tokenizer (or an error), never a fresh one
@@ -72,6 +86,7 @@ class Trainer:
             config, data=replace(config.data, tokenizer=resolve_tokenizer(config.data.tokenizer, pretrained))
         )
         self.config, self.context, self.guard, self.faults = config, context, guard, faults
+        self.watchdog = watchdog
         topo, tc = context.topology, config.train
         random.seed(tc.seed)
         np.random.seed(tc.seed)
@@ -80,6 +95,8 @@ class Trainer:
         self.mcfg = model_config(config, self.dataset.vocab_size)
         self.layout = Layout.resolve(config, self.mcfg, topo.dp_size, topo.tp_size)
         check_tokens(self.mcfg, self.dataset)
+        for note in ignored_settings(config, topo.tp_size, self.dataset.vocab_size):
+            context.log(f"warning: {note}")
         self.parts = build_model(config, self.mcfg, topo)
         self.optimizer = build_optimizer(self.parts, config, topo)
         self.zero = self.optimizer if isinstance(self.optimizer, ZeroOptimizer) else None
@@ -87,13 +104,15 @@ class Trainer:
         self.runner = build_runner(self.parts, self.layout, topo, self.optimizer)
         self.out_dir = Path(tc.out_dir)
         resolved = self.layout.config
-        if context.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(resolved, self.out_dir / "config.yaml")
         self.checkpoints = Checkpointer(
             config, resolved, context, self.parts, self.optimizer, self.scaler, faults
         )
+        self.checkpoints.tokenizer_sha256 = hashlib.sha256(
+            self.dataset.tokenizer.to_str().encode()
+        ).hexdigest()
         self.resumed = self.checkpoints.resume()  # model, optimizer, scaler and RNG as saved; None: fresh
+        if context.is_main:  # only once the start is sure: a refused resume leaves config.yaml as it was
+            dump_config(resolved, self.out_dir / "config.yaml")
         self.monitor = MemoryMonitor(context.device, tc.mem_warn_fraction)  # mem_* fields when logging
         self.recovery = OOMRecovery(
             self.runner,
@@ -105,6 +124,11 @@ class Trainer:
         context.log(self._describe())
         self.watch = Observability(config, resolved, context, self.resumed)  # trackers, timing, profiler
         self._restore_counters()
+
+    def _phase(self, label: str) -> None:
+        """Tell the hang watchdog (train/watchdog.py) what this rank does now."""
+        if self.watchdog is not None:
+            self.watchdog.phase(label)
 
     def _describe(self) -> str:
         tc, topo, mcfg, layout = self.config.train, self.context.topology, self.mcfg, self.layout
@@ -159,7 +183,7 @@ class Trainer:
                     self.save()
             self.watch.profiler.after_step(done)
             if self.guard.stop_requested:
-                self._stop(f"SIGTERM: stopped after step {done}, checkpoint saved")
+                self._stop(f"{self.guard.stop_signal}: stopped after step {done}, checkpoint saved")
                 break
         return self.finish()
 
@@ -182,6 +206,7 @@ class Trainer:
             batch = torch.from_numpy(rows)
             batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
         self.watch.timer.switch("compute")
+        self._phase(f"step {step + 1}: forward and backward (tp/pp/dp collectives inside)")
         if self.scaler is None:  # out of memory: retried with smaller micro-batches (train/monitor.py)
             loss = self.recovery.train_step(step + 1, batch)
         else:
@@ -191,11 +216,14 @@ class Trainer:
             loss = self.faults.after_backward(step + 1, loss, self.runner.parameters(), self.zero)
         self.watch.timer.switch("optimizer")
         clip = config.train.grad_clip
+        self._phase(f"step {step + 1}: gradient norm (all-reduce over tp/pp/dp)")
         if self.zero is not None:
             grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group)
         else:
             grad_norm = clip_grad_norm_(self.runner.parameters(), clip, topo.tp_group, topo.pp_group)
+        self._phase(f"step {step + 1}: non-finite and signal check (all-reduce over the world)")
         if not self.guard.skip_step(step + 1, loss, grad_norm, check_grad_norm=self.scaler is None):
+            self._phase(f"step {step + 1}: optimizer step (ZeRO all-gather inside)")
             self.loss_sum += loss
             # fp16: the scaler skips a step with inf/NaN gradients
             if self.scaler is None or not self.scaler.update(grad_norm.item()):
@@ -203,8 +231,11 @@ class Trainer:
                 if self.mcfg.router_bias_update_rate:
                     update_router_bias(self.parts.chunks, self.mcfg.router_bias_update_rate, topo.dp_group)
         self.optimizer.zero_grad(set_to_none=False)
+        self._phase(f"after step {step + 1}: logging, validation or checkpoint (collectives inside)")
         if step == self.start_step:
             set_collective_timeout(topo, config.distributed.timeout_s)  # start-up is over
+            if self.watchdog is not None:
+                self.watchdog.limit(config.distributed.timeout_s)
         return lr, step_len, grad_norm
 
     def _record(self, lr: float, step_len: int, grad_norm: torch.Tensor) -> dict:
@@ -303,6 +334,12 @@ class Trainer:
             self.save()
         self.checkpoints.wait()
         self.watch.close()
+        last_val = self.metrics.val_history[-1] if self.metrics.val_history else None
+        if last_val is not None and not math.isfinite(last_val["loss"]):
+            raise NonFiniteError(
+                f"validation loss {last_val['loss']} at step {last_val['step']}: the model is broken, "
+                f"final/ not written (checkpoints: {self.checkpoints.root})"
+            )
         whole = zero.sharding.gathered_parameters() if zero is not None and zero.sharding else None
         with whole or contextlib.nullcontext():  # ZeRO-3 keeps only shards between steps
             final_dir = write_hf_folder(

@@ -9,6 +9,7 @@ contents, the format settings, the tokenizer), so a changed corpus or setting bu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,11 +27,11 @@ from train.data.chat import ChatTemplate
 from train.data.documents import encoded_documents, record_texts, write_record_splits
 from train.data.formats import FormatSpec, resolve_format
 from train.data.shards import open_split
-from train.data.sources import MIB, corpus_files, read_text
+from train.data.sources import MIB, byte_limits, corpus_files, read_text
 from train.data.tokenizer import EOT, load_tokenizer_file, special_tokens, tokenizer_config, train_tokenizer
 from train.progress import Progress
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 3: record formats, content hash; 4: the corpus cap on bytes read, val split bounds
 STDLIB_DEFAULT_MB = 4.0  # the built-in corpus is capped even when data.max_corpus_mb is null
 _ENCODE_BATCH = 64
 
@@ -103,17 +104,32 @@ def _encode_documents(
     files: list[Path],
     eot_id: int,
     bos_id: int | None = None,
+    read: Callable[[Path], str] = read_text,
     progress: Progress | None = None,
 ) -> Iterator[np.ndarray]:
     """Each document's token ids (after ``bos_id`` when given) followed by ``eot_id``; special tokens
-    inside a text are plain text. ``progress`` advances by the bytes read."""
+    inside a text are plain text. ``read`` reads a file; ``progress`` advances by the bytes read."""
     head = [] if bos_id is None else [bos_id]
     for i in range(0, len(files), _ENCODE_BATCH):
-        texts = [read_text(p) for p in files[i : i + _ENCODE_BATCH]]
+        texts = [read(p) for p in files[i : i + _ENCODE_BATCH]]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
             yield np.array([*head, *enc.ids, eot_id], dtype=np.int64)
         if progress is not None:
             progress.update(sum(p.stat().st_size for p in files[i : i + _ENCODE_BATCH]))
+
+
+def _val_documents(files: list[Path], val_fraction: float, limits: dict[Path, int]) -> set[int] | None:
+    """The held-out documents, spread evenly over the corpus so validation sees every kind of text; None
+    when they would not hold between half and twice `val_fraction` of the bytes (one document, or too few
+    or too uneven ones): the split then takes the tail of the tokens, `val_fraction` of them."""
+    n = len(files)
+    if n == 1:
+        return None
+    k = min(max(round(n * val_fraction), 1), n - 1)
+    index = {int((j + 0.5) * n / k) for j in range(k)}
+    sizes = [limits.get(p, p.stat().st_size) for p in files]
+    share = sum(sizes[i] for i in index) / max(1, sum(sizes))
+    return index if val_fraction / 2 <= share <= 2 * val_fraction else None
 
 
 def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dict) -> int:
@@ -129,6 +145,24 @@ def _write_split(folder: Path, split: str, docs: Iterable[np.ndarray], info: dic
     return num_tokens
 
 
+def _tokenizer_into(
+    tmp: Path,
+    given: tokenizers.Tokenizer | None,
+    given_path: str | None,
+    texts: Iterable[str],
+    vocab_size: int,
+    log: Callable[[str], None],
+) -> tokenizers.Tokenizer:
+    """The given tokenizer (copied into the cache), or a byte-level BPE trained on ``texts`` (saved)."""
+    if given is not None:
+        shutil.copyfile(given_path, tmp / "tokenizer.json")
+        return given
+    log(f"data: training byte-level BPE tokenizer (vocab_size={vocab_size})")
+    tok = train_tokenizer(texts, vocab_size)
+    tok.save(str(tmp / "tokenizer.json"))
+    return tok
+
+
 def _build(
     folder: Path,
     key: str,
@@ -140,24 +174,27 @@ def _build(
     log: Callable[[str], None],
     eos: tuple[str | None, int | None] = (None, None),
     records: RecordSetup | None = None,
+    encoding_errors: str = "strict",
+    limits: dict[Path, int] | None = None,
 ) -> None:
     """Build the cache in a temporary folder next to ``folder`` and rename it into place."""
-    start = time.perf_counter()
-    mib = sum(p.stat().st_size for p in files) / MIB
+    start, limits, replaced = time.perf_counter(), limits or {}, set()
+
+    def read(path: Path) -> str:
+        text = read_text(path, encoding_errors, limits.get(path))
+        if encoding_errors == "replace" and "\ufffd" in text:
+            replaced.add(path)
+        return text
+
+    mib = sum(limits.get(p, p.stat().st_size) for p in files) / MIB
     log(f"data: building token cache {folder} from {len(files)} files ({mib:.2f} MiB)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        if given is None:
-            log(f"data: training byte-level BPE tokenizer (vocab_size={vocab_size})")
-            texts = (read_text(p) for p in files)
-            if records is not None:
-                texts = record_texts(files, records.spec, records.template)
-            tok = train_tokenizer(texts, vocab_size)
-            tok.save(str(tmp / "tokenizer.json"))
-        else:
-            tok = given
-            shutil.copyfile(given_path, tmp / "tokenizer.json")
+        texts = (read(p) for p in files)
+        if records is not None:
+            texts = record_texts(files, records.spec, records.template)
+        tok = _tokenizer_into(tmp, given, given_path, texts, vocab_size, log)
         tok.encode_special_tokens = True  # not saved; only the separators we insert are special tokens
         special = special_tokens(tok, given_path, *eos)
         eot_id, bos_id = special.eos_id, special.bos_id
@@ -183,9 +220,16 @@ def _build(
             n_train, n_val = write_record_splits(tmp, docs, stats, info, val_fraction, log)
         else:
             progress = Progress("data: tokenizing", mib * MIB, "MiB", scale=MIB)
-            separators = (eot_id, bos_id)
-            n_train, n_val = _write_text_splits(tmp, tok, files, info, separators, val_fraction, progress)
+            encode = functools.partial(_encode_documents, tok, eot_id=eot_id, bos_id=bos_id, read=read)
+            n_train, n_val = _write_text_splits(
+                tmp, files, info, val_fraction, limits, functools.partial(encode, progress=progress), log
+            )
             progress.close()
+        if replaced:
+            log(
+                f"data: {len(replaced)} files had bytes that are not UTF-8, read as U+FFFD "
+                "(data.encoding_errors=replace)"
+            )
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every rank
         try:
             os.replace(tmp, folder)
@@ -202,40 +246,30 @@ def _build(
 
 def _write_text_splits(
     tmp: Path,
-    tok: tokenizers.Tokenizer,
     files: list[Path],
     info: dict,
-    separators: tuple[int, int | None],
     val_fraction: float,
-    progress: Progress | None = None,
+    limits: dict[Path, int],
+    encode: Callable[[list[Path]], Iterator[np.ndarray]],
+    log: Callable[[str], None],
 ) -> tuple[int, int]:
-    """Plain-text documents (one per file) into the train and val token files: (train, val) tokens.
-
-    One file: its tail is the validation split. Several: ``val_fraction`` of the files, spread evenly."""
-    eot_id, bos_id = separators
+    """Plain-text documents (one per file, ``encode``d) into the train and val token files: (train, val)
+    tokens. The held-out documents of ``_val_documents``, or else the tail of the tokens."""
     n_docs = len(files)
-    if n_docs == 1:
-        ids = next(_encode_documents(tok, files, eot_id, bos_id, progress))
+    val_index = _val_documents(files, val_fraction, limits)
+    if val_index is None:  # one document, or too few or too uneven ones: the tail of the tokens
+        ids = np.concatenate(list(encode(files)))
         cut = min(max(int(len(ids) * (1 - val_fraction)), 1), len(ids) - 1)
-        n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": 1})
-        return n_train, _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": 1})
-    n_val_docs = min(max(round(n_docs * val_fraction), 1), n_docs - 1)
-    # Spread the held-out documents evenly over the corpus so validation sees every kind of text.
-    val_index = {int((j + 0.5) * n_docs / n_val_docs) for j in range(n_val_docs)}
-    head = [p for i, p in enumerate(files) if i not in val_index]
-    tail = [p for i, p in enumerate(files) if i in val_index]
-    n_train = _write_split(
-        tmp,
-        "train",
-        _encode_documents(tok, head, eot_id, bos_id, progress),
-        {**info, "num_documents": len(head)},
-    )
-    n_val = _write_split(
-        tmp,
-        "val",
-        _encode_documents(tok, tail, eot_id, bos_id, progress),
-        {**info, "num_documents": len(tail)},
-    )
+        n_train = _write_split(tmp, "train", [ids[:cut]], {**info, "num_documents": n_docs})
+        n_val = _write_split(tmp, "val", [ids[cut:]], {**info, "num_documents": n_docs})
+        how = "the last tokens of the corpus"
+    else:
+        head = [p for i, p in enumerate(files) if i not in val_index]
+        tail = [p for i, p in enumerate(files) if i in val_index]
+        n_train = _write_split(tmp, "train", encode(head), {**info, "num_documents": len(head)})
+        n_val = _write_split(tmp, "val", encode(tail), {**info, "num_documents": len(tail)})
+        how = f"{len(tail)} of {n_docs} documents"
+    log(f"data: validation split: {how}, {n_val / (n_train + n_val):.1%} of the tokens")
     return n_train, n_val
 
 
@@ -268,6 +302,14 @@ def _load(folder: Path) -> Dataset:
     )
 
 
+def _tokenizer_key(tokenizer: str | None, eos_token: str | None, model_eos_id: int | None) -> str | None:
+    """What of the tokenizer enters the cache key: its file's SHA-256, plus the end/begin token choices
+    when any is made (they change the token stream; without one, the key is as before)."""
+    tok_sha = None if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+    choices = [eos_token, model_eos_id, tokenizer_config(tokenizer)]
+    return f"{tok_sha}:{json.dumps(choices, sort_keys=True)}" if any(choices) else tok_sha
+
+
 def prepare_dataset(
     corpus: str,
     *,
@@ -284,6 +326,7 @@ def prepare_dataset(
     spec: FormatSpec | None = None,
     chat_template: str | None = None,
     workers: int = 0,
+    encoding_errors: str = "strict",
 ) -> Dataset:
     """Tokenize ``corpus`` once into ``cache_dir`` and memory-map it; every rank of a job calls this.
 
@@ -294,21 +337,21 @@ def prepare_dataset(
     it. Documents end with the end token and start with the begin token when the tokenizer adds one
     (`special_tokens`, from ``eos_token`` and ``model_eos_id`` too). The validation split is
     ``val_fraction`` of the documents, spread evenly over the corpus (at least one each side), or the
-    tail of the tokens when there is a single document.
+    tail of the tokens when that would hold less than half or more than twice ``val_fraction`` of the
+    corpus (see ``_val_documents``). ``max_corpus_mb`` caps the bytes read, the last file cut short if
+    needed (``None`` takes everything, except the built-in ``stdlib`` corpus: 4 MiB); ``encoding_errors``
+    (``strict``, ``replace``) is for bytes that are not UTF-8.
 
     ``spec`` (default: ``auto`` format) says how files are read: when any file is a record format
     (``jsonl``, ``chat``, ``instruction``), every record is a document (``train/data/documents.py``),
     encoded by ``workers`` processes, and ``chat_template`` picks the chat template (``ChatTemplate``).
-    ``max_corpus_mb=None`` takes everything, except the built-in ``stdlib`` corpus (4 MiB).
     """
     try:
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction}: must be strictly between 0 and 1")
         given = None if tokenizer is None else load_tokenizer_file(tokenizer)
-        if given is not None:
-            special_tokens(
-                given, tokenizer, eos_token, model_eos_id
-            )  # bad special tokens: fail on every rank
+        if given is not None:  # bad special tokens: fail on every rank
+            special_tokens(given, tokenizer, eos_token, model_eos_id)
         if given is None and vocab_size < 256 + 1:
             raise ValueError(f"data.vocab_size={vocab_size}: must be >= 257 (256 byte tokens + {EOT})")
         if max_corpus_mb is None and corpus == "stdlib":
@@ -318,12 +361,9 @@ def prepare_dataset(
         records = None
         if any(resolve_format(p, spec.format) != "text" for p in files):
             records = RecordSetup(spec, ChatTemplate.resolve(chat_template, tokenizer), workers)
-        tok_sha = None if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
-        choices = [eos_token, model_eos_id, tokenizer_config(tokenizer)]
-        if any(choices):  # the end and begin tokens change the token stream (default: the key as before)
-            tok_sha = f"{tok_sha}:{json.dumps(choices, sort_keys=True)}"
+        tok_key = _tokenizer_key(tokenizer, eos_token, model_eos_id)
         rkey = None if records is None else records.key()
-        key = _cache_key(files, vocab_size, tok_sha, max_corpus_mb, val_fraction, rkey)
+        key = _cache_key(files, vocab_size, tok_key, max_corpus_mb, val_fraction, rkey)
         folder = Path(cache_dir) / key[:16]
         if _is_complete(folder):
             log(f"data: cache hit {folder}")
@@ -339,6 +379,8 @@ def prepare_dataset(
                 log,
                 (eos_token, model_eos_id),
                 records,
+                encoding_errors,
+                byte_limits(files, max_corpus_mb),
             )
     finally:
         barrier()

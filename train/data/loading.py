@@ -62,6 +62,7 @@ def prepare_sources(
             cache_dir=dc.cache_dir,
             max_corpus_mb=dc.max_corpus_mb,
             val_fraction=dc.val_fraction,
+            encoding_errors=dc.encoding_errors,
             is_builder=is_builder,
             barrier=barrier,
             log=log,

@@ -48,9 +48,34 @@ def _has_text(path: Path) -> bool:
     return False
 
 
-def read_text(path: Path) -> str:
-    """The file's bytes as UTF-8, undecodable bytes replaced."""
-    return path.read_bytes().decode("utf-8", errors="replace")
+def read_text(path: Path, encoding_errors: str = "strict", max_bytes: int | None = None) -> str:
+    """The file's bytes (its first `max_bytes`, when given: the corpus cap) as UTF-8. Undecodable bytes
+    are a `ValueError` naming the file (`strict`) or U+FFFD (`replace`)."""
+    with open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if max_bytes is not None and error.reason == "unexpected end of data":
+            return data[: error.start].decode("utf-8", errors=encoding_errors)  # the cap cut a character
+        if encoding_errors == "replace":
+            return data.decode("utf-8", errors="replace")
+        raise ValueError(
+            f"data.corpus: {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); set data.encoding_errors=replace to read it with U+FFFD for such bytes"
+        ) from None
+
+
+def byte_limits(files: list[Path], max_corpus_mb: float | None) -> dict[Path, int]:
+    """The files the corpus cap cuts short, with the bytes to read of each: the cap applies to the bytes
+    read, so one huge file is read only up to it."""
+    cap, total, limits = math.inf if max_corpus_mb is None else max_corpus_mb * MIB, 0, {}
+    for path in files:
+        size = path.stat().st_size
+        if total + size > cap:
+            limits[path] = max(1, int(cap - total))
+        total += size
+    return limits
 
 
 def corpus_files(corpus: str, max_corpus_mb: float | None = None) -> list[Path]:
