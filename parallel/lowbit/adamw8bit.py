@@ -53,6 +53,7 @@ from parallel.lowbit.adamw8bit_kernel import (
     CompiledChunkKernel,
     MomentTables,
     adamw8bit_chunk,
+    run_chunks,
 )
 
 CHUNK_NUMEL = {"cpu": 2**18}
@@ -225,7 +226,8 @@ class AdamW8bit(torch.optim.Optimizer):
         per_param = {id(p): (s, b) for p, s, b in zip(params, step_size, bias_correction2_sqrt, strict=True)}
         decay = 1 - group["lr"] * group["weight_decay"]
         kernel = self._chunk_kernel()
-        for chunk in self._plan(params, block_size, device):
+
+        def step_chunk(chunk: list[_Piece]) -> None:
             g, codes1, absmax1, codes2, absmax2 = self._gather(chunk, block_size)
             scalars = [per_param[id(piece.param)] for piece in chunk]
             if all(s == scalars[0] for s in scalars):
@@ -239,6 +241,8 @@ class AdamW8bit(torch.optim.Optimizer):
             )
             self._scatter(chunk, block_size, new_state)
             self._apply(chunk, block_size, u, [s for s, _ in scalars], decay)
+
+        run_chunks(step_chunk, self._plan(params, block_size, device), device)
 
     def _chunk_kernel(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._kernel is None:
