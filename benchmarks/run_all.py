@@ -303,7 +303,16 @@ def zero_memory(r: dict) -> list[dict]:
 def qlora(r: dict) -> list[dict]:
     """QLoRA / bf16 LoRA step time, and the NF4 bits per parameter of the decoder linears."""
     formats = {x.get("format"): x for x in items(r, "weight_memory", "rows")}
-    return [
+    peers = [
+        headline(
+            f"NF4 dequantize / bitsandbytes, to {get(x, 'dtype')}",
+            num(x, "dequantize_over_bitsandbytes"),
+            at_most(1.5),
+        )
+        for x in items(r, "dequantize", "rows")
+        if isinstance(x, dict) and "dequantize_over_bitsandbytes" in x
+    ]
+    return peers + [
         headline("QLoRA / bf16 LoRA step time", num(r, "training_step", "qlora_over_bf16_lora")),
         headline(
             "NF4 bits/param, decoder linears",
