@@ -60,9 +60,12 @@ class ParameterSharding:
         self.pending: dict[int, list] = {}  # unit -> its all-gathers in flight
         self.folded = [0] * len(units)
         self.num_params = [sum(len(b.params) for b in buckets) for buckets in self.unit_buckets]
-        for bucket in optimizer.buckets:
-            flat = bucket.flat_params().to(bucket.dtype)
-            bucket.param_chunk = flat[bucket.start : bucket.start + bucket.chunk].clone()
+        for bucket, master in zip(optimizer.buckets, optimizer.masters, strict=True):
+            if master.dtype == bucket.dtype and master.device == bucket.device:
+                bucket.param_chunk = master  # fp32 model, no offload: the master *is* the shard
+            else:
+                flat = bucket.flat_params().to(bucket.dtype)
+                bucket.param_chunk = flat[bucket.start : bucket.start + bucket.chunk].clone()
         for index in range(len(units)):
             self._release(index)
         for index, unit in enumerate(units):
@@ -175,4 +178,5 @@ class ParameterSharding:
         self.pending.clear()
         self.release_all()
         for bucket, master in zip(self.opt.buckets, self.opt.masters, strict=True):
-            bucket.param_chunk.copy_(master.to(bucket.device, non_blocking=True))
+            if bucket.param_chunk is not master:
+                bucket.param_chunk.copy_(master.to(bucket.device, non_blocking=True))
