@@ -21,13 +21,17 @@ block).
 
 Vectorisation: the 8-bit parameters of a group are laid end to end (each padded to whole blocks) and
 processed in chunks of about 2^18 values on CPU (2^24 on GPU): small parameters share a chunk, large ones
-span several. Each chunk is a fixed sequence of about 20 whole-tensor operations (m and v stacked, so they
-are decoded and encoded together; rounding by table lookup; see parallel.lowbit.adamw8bit_kernel), so the
-Python cost is per chunk, never per block, and the fp32 temporaries stay cache-sized and bounded whatever
-the model size. With `compile=True` the chunk function goes through `torch.compile`, compiled on first use
-for each distinct chunk size (typically two or three), never again for a new learning rate or step; if
+span several. Each chunk is one fused update of its blocks, a fixed sequence of about 25 whole-chunk
+operations (decode, moments, update, absmax, re-encode; uint8 codes widened to int32 only, never int64;
+rounding by table lookup; see parallel.lowbit.adamw8bit_kernel), so the Python cost is per chunk, never
+per block, and the fp32 temporaries stay cache-sized whatever the model size. On a CPU with several
+intra-op threads the chunks are shared out among that many worker threads, each running single-threaded:
+one fork and one join per step rather than a parallel region per operation, which keeps the step robust
+to a busy core. The result does not depend on the chunk size or the thread count (tested bit for bit).
+With `compile=True` the chunk function goes through `torch.compile` (inductor, or triton on a GPU),
+compiled on first use for each distinct chunk size, never again for a new learning rate or step; if
 compilation fails the optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md
-the compiled kernel is no faster than the eager one (its table lookups do not vectorise), so eager is the
+the compiled kernel is slower than the eager one (its table lookups do not vectorise), so eager is the
 default.
 
 Non-finite gradients: before anything is modified, the step checks every gradient of every group; if any

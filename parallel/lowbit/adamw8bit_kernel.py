@@ -7,10 +7,12 @@ For a chunk of n blocks of B values, with m8, v8 the 8-bit codes and a1, a2 the 
     u      = m / (sqrt(v) / sqrt(1 - beta2^t) + eps)               returned; the caller applies p -= lr_t u
     a1, a2 = max |m|, max |v| per block;   m8, v8 = nearest code of m / a1, v / a2
 
-m and v travel stacked, shape (2, n, B), so each operation decodes or encodes both (about 20 whole-tensor
-operations per chunk, whatever its size). Rounding to the nearest code is a table lookup indexed by the
-top 16 bits of each float (see parallel.lowbit.quant.RoundingTables). `CompiledChunkKernel` runs the same
-function through `torch.compile` with a one-time, loud fallback to eager.
+m and v are decoded and encoded separately: their uint8 codes are widened to int32 (never int64) to
+index the 256-entry code books, and rounding to the nearest code is a lookup indexed by the top 16 bits
+of each float (see parallel.lowbit.quant.RoundingTables), written once and then updated in place.
+`run_chunks` shares the chunks among single-threaded worker threads on a multi-threaded CPU.
+`CompiledChunkKernel` runs the same function through `torch.compile` with a one-time, loud fallback to
+eager.
 """
 
 from __future__ import annotations
