@@ -8,8 +8,8 @@ rank keeps an fp32 master copy of the weights and the inner optimizer's state, s
 of master + moments per parameter) the optimizer memory per rank falls from 12 P to 12 P / N.
 
     stage 0  nothing sharded: fp32 master weights and gradient accumulation for 16-bit models (DDP-like)
-    stage 1  state + master sharded; gradients all-reduced, each rank updates its chunks, then the
-             updated parameters are all-gathered
+    stage 1  state + master sharded; gradients all-reduced, each rank updates its chunks, then each
+             chunk is broadcast by its owner straight into the parameters (no full-size buffer)
     stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
              the full bucket is freed right after (no full gradient kept between steps)
     stage 3  as 2, and the parameters are sharded too: gathered per unit for its forward and backward
