@@ -17,6 +17,7 @@ eager.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -147,7 +148,9 @@ class CompiledChunkKernel:
         return adamw8bit_chunk(*args)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[
+    tuple[int, int], ThreadPoolExecutor
+] = {}  # by (process id: a forked child starts its own, threads)
 
 
 def _one_thread_each(step_chunk: Callable[[T], None], chunks: list[T]) -> None:
@@ -168,7 +171,8 @@ def run_chunks(step_chunk: Callable[[T], None], chunks: list[T], device: torch.d
         for chunk in chunks:
             step_chunk(chunk)
         return
-    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "adamw8bit"))
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(threads, "adamw8bit"))
     try:
         torch.set_num_threads(1)
         shares = [chunks[i::threads] for i in range(threads)]
