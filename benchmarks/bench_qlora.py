@@ -21,9 +21,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,6 +123,23 @@ def weight_memory() -> dict:
     }
 
 
+def bitsandbytes_dequantize(w: torch.Tensor) -> Callable[[], torch.Tensor] | str:
+    """bitsandbytes' NF4 dequantize of `w` (blocks of 64, double quantization, output in w's dtype) as
+    a callable, or why it cannot be timed here."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes not installed"
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        packed, state = bnb_functional.quantize_4bit(
+            w, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        bnb_functional.dequantize_4bit(packed, state)
+    except Exception as error:  # noqa: BLE001 - a peer that cannot run on this build is reported
+        return f"bitsandbytes failed here: {type(error).__name__}: {str(error)[:160]}"
+    return lambda: bnb_functional.dequantize_4bit(packed, state)
+
+
 def dequantize_throughput(quick: bool) -> dict:
     torch.set_num_threads(1)
     d = 2048 if quick else 4096
@@ -131,9 +150,12 @@ def dequantize_throughput(quick: bool) -> dict:
     for dtype in (torch.bfloat16, torch.float32):
         out = dequantize_nf4(q, dtype)
         written = out.numel() * out.element_size()
-        times = {"dequantize": [], "copy": []}
+        peer = bitsandbytes_dequantize(torch.randn(d, d).to(dtype))
+        times = {"dequantize": [], "copy": [], **({"bitsandbytes": []} if callable(peer) else {})}
         for i in range(repeats + 1):
             steps = [("dequantize", lambda dtype=dtype: dequantize_nf4(q, dtype)), ("copy", out.clone)]
+            if callable(peer):
+                steps.append(("bitsandbytes", peer))
             for name, fn in steps if i % 2 else reversed(steps):
                 start = time.perf_counter()
                 fn()
@@ -150,6 +172,11 @@ def dequantize_throughput(quick: bool) -> dict:
                 "params_per_s": d * d / deq,
                 "copy_gb_per_s": 2 * written / copy / 1e9,
                 "dequantize_over_copy": paired_ratio(times["dequantize"], times["copy"]),
+                **(
+                    {"dequantize_over_bitsandbytes": paired_ratio(times["dequantize"], times["bitsandbytes"])}
+                    if callable(peer)
+                    else {"bitsandbytes": peer}
+                ),
             }
         )
     return {"threads": 1, "rows": results}
@@ -241,7 +268,16 @@ def main() -> None:
     print("\nNF4 dequantize (double-quantized weight, 1 thread) against cloning the output:\n")
     print(
         markdown_table(
-            ["out dtype", "shape", "median ms", "GB/s", "Mparam/s", "copy GB/s", "dequant / copy"],
+            [
+                "out dtype",
+                "shape",
+                "median ms",
+                "GB/s",
+                "Mparam/s",
+                "copy GB/s",
+                "dequant / copy",
+                "/ bitsandbytes",
+            ],
             [
                 [
                     r["dtype"],
@@ -251,6 +287,7 @@ def main() -> None:
                     r["params_per_s"] / 1e6,
                     r["copy_gb_per_s"],
                     r["dequantize_over_copy"],
+                    r.get("dequantize_over_bitsandbytes", r.get("bitsandbytes")),
                 ]
                 for r in throughput["rows"]
             ],

@@ -93,7 +93,7 @@ def ours_bytes_per_param(stage: int, n: int, param_bytes: int) -> dict[str, floa
         "params": param_bytes / n if stage == 3 else param_bytes,
         # the full fp32 bucket (stages 0/1) + the fp32 gradient of the owned chunk (`master.grad`)
         "grads": (4.0 if stage < 2 else 0.0) + 4 / shards,
-        "master": 4 / shards,
+        "master": 0.0 if stage == 3 and param_bytes == 4 else 4 / shards,  # fp32 stage 3 shares the shard
         "optim_state": 8 / shards,
     }
 
@@ -145,7 +145,7 @@ def expected_bytes(opt: ZeroOptimizer, stage: int, param_bytes: int, n_params: i
     return {
         "params": (chunk if stage == 3 else n_params) * param_bytes,
         "grads": (padded * 4 if stage < 2 else 0) + chunk * 4,
-        "master": chunk * 4,
+        "master": 0 if stage == 3 and param_bytes == 4 else chunk * 4,  # fp32 stage 3: the shard itself
         "optim_state": chunk * 8 + 4 * len(opt.masters),
     }
 

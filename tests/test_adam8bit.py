@@ -299,6 +299,35 @@ def test_chunking_and_packing_do_not_change_the_result(monkeypatch):
     assert len(opt._plan(params, 256, torch.device("cpu"))) > 1
 
 
+def test_chunks_shared_among_threads_give_the_single_thread_result(monkeypatch):
+    # With 2 intra-op threads the chunks go to 2 worker threads (each single-threaded); the chunks are
+    # disjoint, so parameters and state must equal the 1-thread run bit for bit, and the caller's thread
+    # setting is restored.
+    import parallel.lowbit.adamw8bit as adam8bit
+
+    monkeypatch.setitem(adam8bit.CHUNK_NUMEL, "cpu", 1024)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(300,), (40, 90), (5000,)]]
+        opt = AdamW8bit(params, lr=1e-2, min_8bit_size=1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert torch.get_num_threads() == threads
+        torch.set_num_threads(1)
+        return params, opt
+
+    (one, opt1), (two, opt2) = run(1), run(2)
+    assert len(opt2._plan(two, 256, torch.device("cpu"))) >= 4
+    for p, q in zip(one, two, strict=True):
+        assert torch.equal(p, q)
+        for key in ("state1", "absmax1", "state2", "absmax2"):
+            assert torch.equal(opt1.state[p][key], opt2.state[q][key])
+
+
 def test_parameters_without_gradients_keep_their_own_step_count():
     # p2 gets no gradient at step 2: its state must be that of an optimizer that saw steps 1 and 3 only.
     torch.manual_seed(0)

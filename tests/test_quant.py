@@ -21,6 +21,7 @@ from parallel.lowbit.quant import (
     create_dynamic_map,
     dequantize_blockwise,
     dequantize_nf4,
+    nf4_absmax,
     quantize_blockwise,
     quantize_nf4,
     rounding_tables,
@@ -307,3 +308,17 @@ def test_nf4_moves_between_devices_with_its_fields():
     q = quantize_nf4(torch.randn(300), block_size=64)
     moved = q.to("cpu")
     assert torch.equal(dequantize_nf4(moved), dequantize_nf4(q)) and moved.double_quant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, block_size, double_quant", [((37, 29), 64, True), ((5, 7), 5, False)])
+def test_nf4_dequantize_equals_code_times_absmax_cast_once(dtype, shape, block_size, double_quant):
+    # The byte-pair table, in-place scale and single cast must give exactly code[q] * absmax in fp32,
+    # cast to the output dtype: odd block sizes put a byte's two nibbles in different blocks.
+    q = quantize_nf4(torch.randn(shape), block_size=block_size, double_quant=double_quant)
+    unpacked = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=-1).reshape(-1)[: q.n_blocks * block_size]
+    scales = nf4_absmax(q).repeat_interleave(block_size)
+    expected = (NF4_CODE[unpacked.long()] * scales)[: q.numel].reshape(shape).to(dtype)
+    got = dequantize_nf4(q, dtype)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got.view(-1).float().view(torch.int32), expected.view(-1).float().view(torch.int32))

@@ -103,6 +103,7 @@ SYNTHETIC = {
     "bench_adam8bit": {
         "step_time": [
             {"threads": 2, "variants": {"ours AdamW8bit": {"ratio_to_fused_paired": 90.0}}},
+            {"threads": 2, "busy": True, "variants": {"ours AdamW8bit": {"ratio_to_fused_paired": 180.0}}},
             {
                 "threads": 1,
                 "variants": {
@@ -112,6 +113,9 @@ SYNTHETIC = {
             },
         ],
         "state_memory": {"bytes_per_parameter_ours": 2.03},
+    },
+    "bench_zero_memory": {
+        "ratios": {"ours stage 3": {"peer": "FSDP2", "peak_ratio": 0.98, "between_ratio": 1.02}}
     },
     "bench_qlora": {
         "weight_memory": {
@@ -169,11 +173,21 @@ def test_headlines_from_synthetic_json():
     assert zero["stage 3 / DDP + AdamW step time, batch 8x128"]["value"] == "n/a"
     assert zero["stage 3 / DDP + AdamW step time, batch 8x128"]["met"] == "n/a"
 
-    assert values(rows["bench_adam8bit"]) == {
-        "AdamW8bit / fused AdamW step time, 1 thread": 15.0,
-        "AdamW8bit / torchao AdamW8bit step time, 1 thread": 0.6,
+    adam = {r["label"]: r for r in rows["bench_adam8bit"]}
+    assert {label: r["value"] for label, r in adam.items()} == {
+        "AdamW8bit / fused AdamW step time, 2 thread(s)": 90.0,
+        "AdamW8bit / fused AdamW step time, 1 thread(s)": 15.0,
+        "AdamW8bit / torchao AdamW8bit step time, 1 thread(s)": 0.6,
+        "AdamW8bit / fused, busy core / quiet": 2.0,
         "AdamW8bit state bytes/param, small config (fp32 AdamW: 8)": 2.03,
     }
+    assert adam["AdamW8bit / fused AdamW step time, 1 thread(s)"]["met"] == "no"  # goal <= 5
+    assert adam["AdamW8bit / fused, busy core / quiet"]["met"] == "yes"  # goal <= 2
+
+    memory = {r["label"]: r for r in rows["bench_zero_memory"]}
+    assert memory["ours stage 3 / FSDP2 peak memory"]["met"] == "yes"
+    assert memory["ours stage 3 / FSDP2 between-step memory"]["value"] == 1.02
+    assert memory["ours stage 3 / FSDP2 between-step memory"]["met"] == "no"
 
     qlora = {r["label"]: r for r in rows["bench_qlora"]}
     assert qlora["QLoRA / bf16 LoRA step time"]["value"] == 1.2

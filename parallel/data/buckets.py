@@ -118,6 +118,16 @@ class Bucket:
         offset, shape = self.offsets[p], self.shapes[p]
         return flat[offset : offset + shape.numel()].view(shape)
 
+    def copy_out(self, chunk: torch.Tensor, start: int) -> None:
+        """Copy `chunk`, elements [start, start + len) of a flat tensor laid out like this bucket, into
+        the parameters it covers."""
+        end = start + chunk.numel()
+        for p in self.params:
+            lo, hi = self.offsets[p], self.offsets[p] + p.numel()
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                p.detach().view(-1)[a - lo : b - lo].copy_(chunk[a - start : b - start])
+
 
 class GradientBuckets:
     """Hooks, in-order asynchronous reduction and `no_sync` over `self.buckets`.

@@ -15,9 +15,9 @@ import torch
 
 
 def master_chunk(chunk: torch.Tensor, offload: bool) -> torch.Tensor:
-    """An fp32 master copy of `chunk` with a zero gradient, in (pinned) host memory when `offload`."""
+    """An fp32 master copy of `chunk`, in (pinned) host memory when `offload`. Its `.grad` is created by
+    the first reduction of a step and freed by `zero_grad`, so it is not held between steps."""
     master = chunk.to(torch.device("cpu") if offload else chunk.device).clone()
     if offload and torch.cuda.is_available():
         master = master.pin_memory()
-    master.grad = torch.zeros_like(master)
     return master

@@ -8,8 +8,8 @@ rank keeps an fp32 master copy of the weights and the inner optimizer's state, s
 of master + moments per parameter) the optimizer memory per rank falls from 12 P to 12 P / N.
 
     stage 0  nothing sharded: fp32 master weights and gradient accumulation for 16-bit models (DDP-like)
-    stage 1  state + master sharded; gradients all-reduced, each rank updates its chunks, then the
-             updated parameters are all-gathered
+    stage 1  state + master sharded; gradients all-reduced, each rank updates its chunks, then each
+             chunk is broadcast by its owner straight into the parameters (no full-size buffer)
     stage 2  as 1, but gradients are reduce-scattered straight into the owner's fp32 gradient shard and
              the full bucket is freed right after (no full gradient kept between steps)
     stage 3  as 2, and the parameters are sharded too: gathered per unit for its forward and backward
@@ -187,6 +187,8 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
             if bucket.shard is not None
             else bucket.grad[bucket.start : bucket.start + bucket.chunk]
         )
+        if master.grad is None:  # freed between steps by zero_grad; 0 + chunk, exactly as before
+            master.grad = torch.zeros_like(master)
         master.grad.add_(chunk.to(master.device, non_blocking=True))
         bucket.shard = None
         if self.stage >= 2:
@@ -216,7 +218,7 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         over tp (replicated ones counted once), stages summed over pp."""
         parts = []  # per bucket: (sum of squares of TP-sharded entries, of all entries), no host sync
         for bucket, master in zip(self.buckets, self.masters, strict=True):
-            grad = master.grad
+            grad = master.grad if master.grad is not None else torch.zeros_like(master)  # freed
             sharded = [grad[a:b].pow(2).sum(dtype=torch.float64) for a, b in bucket.sharded_ranges]
             total = grad.pow(2).sum(dtype=torch.float64)
             parts.append(
@@ -255,11 +257,12 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
     @torch.no_grad()
     def scale_grads(self, factor: float | torch.Tensor) -> None:
         for master in self.masters:
-            master.grad.mul_(factor.to(master.device) if torch.is_tensor(factor) else factor)
+            if master.grad is not None:
+                master.grad.mul_(factor.to(master.device) if torch.is_tensor(factor) else factor)
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Step the inner optimizer on this rank's chunks, then all-gather the updated parameters."""
+        """Step the inner optimizer on this rank's chunks, then share the updated parameters."""
         if closure is not None:
             raise ValueError("ZeroOptimizer.step does not take a closure")
         for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
@@ -268,20 +271,25 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         if self.sharding is not None:
             self.sharding.write_back()
             return
+        # Each rank's updated chunk is broadcast in turn and copied straight into the parameters it
+        # covers: one chunk-sized buffer, never a full-sized one.
+        group = self.group if self.group is not None else dist.group.WORLD
         for bucket, master in zip(self.buckets, self.masters, strict=True):
-            flat = torch.empty(
-                bucket.padded, dtype=bucket.dtype, device=bucket.device
-            )  # 16-bit if the model is
-            mine = flat[bucket.start : bucket.start + bucket.chunk]
-            mine.copy_(master, non_blocking=True)
-            if self.shards > 1:
-                dist.all_gather(list(flat.chunk(self.shards)), mine.clone(), group=self.group)
-            for p in bucket.params:
-                p.copy_(bucket.view(flat, p))
+            mine = master.to(bucket.device, bucket.dtype, non_blocking=True)  # 16-bit if the model is
+            other = torch.empty_like(mine) if self.shards > 1 else None
+            for rank in range(self.shards):
+                chunk = mine if rank == self.shard_rank else other
+                if self.shards > 1:
+                    dist.broadcast(chunk, dist.get_global_rank(group, rank), group=group)
+                bucket.copy_out(chunk, rank * bucket.chunk)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients freed (the masters' too: nothing of them is held between steps), or zeroed."""
         for master in self.masters:
-            master.grad.zero_()
+            if set_to_none:
+                master.grad = None
+            elif master.grad is not None:
+                master.grad.zero_()
         for bucket in self.buckets:
             for p in bucket.params:
                 p.grad = None

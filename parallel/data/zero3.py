@@ -8,9 +8,12 @@ unit runs, the next one is prefetched (an asynchronous all-gather), in forward o
 in reverse order during backward. Per rank, parameters, gradients and optimizer state all scale as 1/N;
 only the units in flight are whole.
 
-Freeing works by pointing each parameter at an empty tensor (`p.data = empty`) and back at a view of
-the gathered flat buffer; autograd saves parameters by reference, so a backward sees the re-gathered
-values. The optimizer step writes each rank's updated chunk; nothing is gathered until the next forward.
+Each bucket of a unit is gathered into one flat buffer that lives for the whole run; freeing it frees
+its *storage* (`untyped_storage().resize_(0)`) and points each parameter at an empty tensor; gathering
+resizes the same storage and points the parameters back at views of it. Autograd saves parameters by
+reference and their views (`weight.t()` in a linear layer) by storage, so a backward sees the
+re-gathered values, and no saved view keeps a released unit's memory alive between its forward and its
+backward. The optimizer step writes each rank's updated chunk; nothing is gathered until the next forward.
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ class ParameterSharding:
                 raise ValueError("ZeRO-3: every bucket must lie inside one unit (build it with `units=`)")
             self.unit_buckets[owners.pop()].append(bucket)
         self.gathered = [False] * len(units)
-        self.pending: dict[int, tuple[list, list]] = {}  # unit -> (async works, flat buffers)
+        self.pending: dict[int, list] = {}  # unit -> its all-gathers in flight
         self.folded = [0] * len(units)
         self.num_params = [sum(len(b.params) for b in buckets) for buckets in self.unit_buckets]
-        for bucket in optimizer.buckets:
-            flat = bucket.flat_params().to(bucket.dtype)
-            bucket.param_chunk = flat[bucket.start : bucket.start + bucket.chunk].clone()
+        for bucket, master in zip(optimizer.buckets, optimizer.masters, strict=True):
+            if master.dtype == bucket.dtype and master.device == bucket.device:
+                bucket.param_chunk = master  # fp32 model, no offload: the master *is* the shard
+            else:
+                flat = bucket.flat_params().to(bucket.dtype)
+                bucket.param_chunk = flat[bucket.start : bucket.start + bucket.chunk].clone()
         for index in range(len(units)):
             self._release(index)
         for index, unit in enumerate(units):
@@ -75,34 +81,53 @@ class ParameterSharding:
     def _start_gather(self, index: int) -> None:
         if self.gathered[index] or index in self.pending:
             return
-        works, flats = [], []
+        works = []
         for bucket in self.unit_buckets[index]:
-            flat = torch.empty(bucket.padded, dtype=bucket.dtype, device=bucket.device)
-            if self.opt.world > 1:
-                works.append(
-                    dist.all_gather(
-                        list(flat.chunk(self.opt.world)), bucket.param_chunk, self.opt.group, True
+            flat = self._buffer(bucket)
+            with torch.autograd._unsafe_preserve_version_counter(flat):  # refilled, not modified
+                if self.opt.world > 1:
+                    works.append(
+                        dist.all_gather(
+                            list(flat.chunk(self.opt.world)), bucket.param_chunk, self.opt.group, True
+                        )
                     )
-                )
-            else:
-                flat.copy_(bucket.param_chunk)
-            flats.append(flat)
-        self.pending[index] = (works, flats)
+                else:
+                    flat.copy_(bucket.param_chunk)
+        self.pending[index] = works
+
+    @staticmethod
+    def _buffer(bucket) -> torch.Tensor:
+        """The bucket's gathered flat buffer, its storage (re)allocated. One storage per bucket for the
+        whole run: views that autograd saved in forward (`weight.t()`) read the re-gathered values."""
+        flat = getattr(bucket, "gathered_flat", None)
+        if flat is None:
+            flat = bucket.gathered_flat = torch.empty(bucket.padded, dtype=bucket.dtype, device=bucket.device)
+        storage = flat.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(bucket.padded * flat.element_size())
+        return flat
 
     def _finish_gather(self, index: int) -> None:
         self._start_gather(index)
-        works, flats = self.pending.pop(index, ([], []))
-        for work in works:
+        for work in self.pending.pop(index, []):
             work.wait()
-        for bucket, flat in zip(self.unit_buckets[index], flats, strict=True):
+        for bucket in self.unit_buckets[index]:
             for p in bucket.params:
-                p.data = bucket.view(flat, p)
+                p.data = bucket.view(bucket.gathered_flat, p)
         self.gathered[index] = True
 
-    def _release(self, index: int) -> None:
+    def _release(self, index: int, keep_views: bool = False) -> None:
+        """Point the unit's parameters at empty tensors and free the gathered storage itself, which
+        views saved by autograd would otherwise keep alive. With `keep_views` (after handing the whole
+        parameters to a caller) the buffer is dropped instead, so that views the caller kept stay valid."""
         for bucket in self.unit_buckets[index]:
             for p in bucket.params:
                 p.data = torch.empty(0, dtype=bucket.dtype, device=bucket.device)
+            flat = getattr(bucket, "gathered_flat", None)
+            if keep_views:
+                bucket.gathered_flat = None
+            elif flat is not None:
+                flat.untyped_storage().resize_(0)
         self.gathered[index] = False
 
     # ------------------------------------------------------------------ hooks
@@ -142,15 +167,16 @@ class ParameterSharding:
             yield
         finally:
             for index in range(len(self.units)):
-                self._release(index)
+                self._release(index, keep_views=True)
 
     def write_back(self) -> None:
         """After the optimizer step: each rank's updated master chunk becomes its parameter chunk, and
         any gather still in flight (it carries the old values) is dropped."""
-        for works, _ in self.pending.values():
+        for works in self.pending.values():
             for work in works:
                 work.wait()
         self.pending.clear()
         self.release_all()
         for bucket, master in zip(self.opt.buckets, self.opt.masters, strict=True):
-            bucket.param_chunk.copy_(master.to(bucket.device, non_blocking=True))
+            if bucket.param_chunk is not master:
+                bucket.param_chunk.copy_(master.to(bucket.device, non_blocking=True))

@@ -21,13 +21,17 @@ block).
 
 Vectorisation: the 8-bit parameters of a group are laid end to end (each padded to whole blocks) and
 processed in chunks of about 2^18 values on CPU (2^24 on GPU): small parameters share a chunk, large ones
-span several. Each chunk is a fixed sequence of about 20 whole-tensor operations (m and v stacked, so they
-are decoded and encoded together; rounding by table lookup; see parallel.lowbit.adamw8bit_kernel), so the
-Python cost is per chunk, never per block, and the fp32 temporaries stay cache-sized and bounded whatever
-the model size. With `compile=True` the chunk function goes through `torch.compile`, compiled on first use
-for each distinct chunk size (typically two or three), never again for a new learning rate or step; if
+span several. Each chunk is one fused update of its blocks, a fixed sequence of about 25 whole-chunk
+operations (decode, moments, update, absmax, re-encode; uint8 codes widened to int32 only, never int64;
+rounding by table lookup; see parallel.lowbit.adamw8bit_kernel), so the Python cost is per chunk, never
+per block, and the fp32 temporaries stay cache-sized whatever the model size. On a CPU with several
+intra-op threads the chunks are shared out among that many worker threads, each running single-threaded:
+one fork and one join per step rather than a parallel region per operation, which keeps the step robust
+to a busy core. The result does not depend on the chunk size or the thread count (tested bit for bit).
+With `compile=True` the chunk function goes through `torch.compile` (inductor, or triton on a GPU),
+compiled on first use for each distinct chunk size, never again for a new learning rate or step; if
 compilation fails the optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md
-the compiled kernel is no faster than the eager one (its table lookups do not vectorise), so eager is the
+the compiled kernel is slower than the eager one (its table lookups do not vectorise), so eager is the
 default.
 
 Non-finite gradients: before anything is modified, the step checks every gradient of every group; if any
@@ -53,6 +57,7 @@ from parallel.lowbit.adamw8bit_kernel import (
     CompiledChunkKernel,
     MomentTables,
     adamw8bit_chunk,
+    run_chunks,
 )
 
 CHUNK_NUMEL = {"cpu": 2**18}
@@ -225,7 +230,8 @@ class AdamW8bit(torch.optim.Optimizer):
         per_param = {id(p): (s, b) for p, s, b in zip(params, step_size, bias_correction2_sqrt, strict=True)}
         decay = 1 - group["lr"] * group["weight_decay"]
         kernel = self._chunk_kernel()
-        for chunk in self._plan(params, block_size, device):
+
+        def step_chunk(chunk: list[_Piece]) -> None:
             g, codes1, absmax1, codes2, absmax2 = self._gather(chunk, block_size)
             scalars = [per_param[id(piece.param)] for piece in chunk]
             if all(s == scalars[0] for s in scalars):
@@ -239,6 +245,8 @@ class AdamW8bit(torch.optim.Optimizer):
             )
             self._scatter(chunk, block_size, new_state)
             self._apply(chunk, block_size, u, [s for s, _ in scalars], decay)
+
+        run_chunks(step_chunk, self._plan(params, block_size, device), device)
 
     def _chunk_kernel(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._kernel is None:

@@ -7,17 +7,22 @@ For a chunk of n blocks of B values, with m8, v8 the 8-bit codes and a1, a2 the 
     u      = m / (sqrt(v) / sqrt(1 - beta2^t) + eps)               returned; the caller applies p -= lr_t u
     a1, a2 = max |m|, max |v| per block;   m8, v8 = nearest code of m / a1, v / a2
 
-m and v travel stacked, shape (2, n, B), so each operation decodes or encodes both (about 20 whole-tensor
-operations per chunk, whatever its size). Rounding to the nearest code is a table lookup indexed by the
-top 16 bits of each float (see parallel.lowbit.quant.RoundingTables). `CompiledChunkKernel` runs the same
-function through `torch.compile` with a one-time, loud fallback to eager.
+m and v are decoded and encoded separately: their uint8 codes are widened to int32 (never int64) to
+index the 256-entry code books, and rounding to the nearest code is a lookup indexed by the top 16 bits
+of each float (see parallel.lowbit.quant.RoundingTables), written once and then updated in place.
+`run_chunks` shares the chunks among single-threaded worker threads on a multi-threaded CPU.
+`CompiledChunkKernel` runs the same function through `torch.compile` with a one-time, loud fallback to
+eager.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -25,28 +30,53 @@ from parallel.lowbit.quant import create_dynamic_map, rounding_tables
 
 SIGNED_MAP = create_dynamic_map(signed=True)
 UNSIGNED_MAP = create_dynamic_map(signed=False)
+T = TypeVar("T")
 SIGNED_ZERO = int((SIGNED_MAP == 0).nonzero())  # 127; the unsigned map's zero is code 0
 
 
 @dataclass(frozen=True)
 class MomentTables:
-    """The two code books side by side, so that m and v are decoded and encoded by the same operations:
-    `code` holds the signed map then the unsigned one (512 values), `cell_code`/`cell_threshold` the
-    signed map's 65,536 cells then the unsigned map's (see parallel.lowbit.quant.RoundingTables), each rotated
-    by 32,768 so that the top 16 bits of a float read as a *signed* number, plus 32,768, index them."""
+    """Both code books' decode and rounding tables on one device (see parallel.lowbit.quant.RoundingTables).
 
-    code: torch.Tensor
-    cell_code: torch.Tensor
-    cell_threshold: torch.Tensor
+    The signed map's 65,536-cell tables are rotated by 32,768, so that the top 16 bits of a float32 read
+    as a *signed* number (an arithmetic shift), plus 32,768, index them. The second moment is never
+    negative (v >= +0), so its top 16 bits already lie in [0, 32,768) and index the unsigned tables as
+    they are."""
+
+    signed_code: torch.Tensor
+    signed_cell_code: torch.Tensor
+    signed_cell_threshold: torch.Tensor
+    unsigned_code: torch.Tensor
+    unsigned_cell_code: torch.Tensor
+    unsigned_cell_threshold: torch.Tensor
 
     @staticmethod
     def build(device: torch.device) -> MomentTables:
         signed, unsigned = rounding_tables(SIGNED_MAP, device), rounding_tables(UNSIGNED_MAP, device)
         return MomentTables(
-            torch.cat([signed.code, unsigned.code]),
-            torch.cat([signed.cell_code.roll(32768), unsigned.cell_code.roll(32768)]),
-            torch.cat([signed.cell_threshold.roll(32768), unsigned.cell_threshold.roll(32768)]),
+            signed.code,
+            signed.cell_code.roll(32768),
+            signed.cell_threshold.roll(32768),
+            unsigned.code,
+            unsigned.cell_code,
+            unsigned.cell_threshold,
         )
+
+
+def _decode(code: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """code[codes] * absmax per block, fp32 (n_blocks, B): uint8 codes widened to int32, never int64."""
+    return code.index_select(0, codes.reshape(-1).int()).view(absmax.numel(), -1).mul_(absmax.unsqueeze(1))
+
+
+def _encode(normalized: torch.Tensor, cell_code: torch.Tensor, cell_threshold: torch.Tensor, rotate: bool):
+    """uint8 nearest code of each value in [-1, 1]: table[cell] + (value > threshold[cell]), where the
+    cell is the top 16 bits of the float32 (shifted by 32,768 into the rotated signed tables)."""
+    flat = normalized.view(-1)
+    cell = flat.view(torch.int32) >> 16
+    if rotate:
+        cell.add_(32768)
+    codes = cell_code.index_select(0, cell)
+    return codes.add_(flat > cell_threshold.index_select(0, cell))
 
 
 def adamw8bit_chunk(
@@ -66,35 +96,26 @@ def adamw8bit_chunk(
     Returns (u, codes1, absmax1, codes2, absmax2): the new quantized moments and the update direction
     u = m / (sqrt(v) / sqrt(1 - beta2^t) + eps), to be applied as p -= lr / (1 - beta1^t) * u.
     `bias_correction2_sqrt` is a scalar or one value per block, shape (n_blocks, 1). Scalars are numbers
-    (eager) or 0-d tensors (compiled, so that new values do not recompile). m and v travel
-    stacked, shape (2, n_blocks, B), through decoding, absmax and encoding (half the operations).
+    (eager) or 0-d tensors (compiled, so that new values do not recompile). Every temporary is written
+    once and then updated in place: about 25 passes over the chunk, no int64 index copies.
     """
     n_blocks = absmax1.numel()
     g = g.view(n_blocks, -1)
-    codes = torch.stack([codes1.view(n_blocks, -1), codes2.view(n_blocks, -1)])
-    absmax = torch.stack([absmax1, absmax2]).unsqueeze(2)
-    index = codes.long()
-    index[1] += 256  # the unsigned map follows the signed one in `tables.code`
-    moments = tables.code.index_select(0, index.view(-1)).view(codes.shape).mul_(absmax)
-    m, v = moments[0], moments[1]
-    m.lerp_(g, 1 - beta1)
+    m = _decode(tables.signed_code, codes1, absmax1).lerp_(g, 1 - beta1)
+    v = _decode(tables.unsigned_code, codes2, absmax2).mul_(beta2)
     if torch.is_tensor(beta2):  # the compiled path passes 0-d tensors; addcmul_ takes a number only
-        v.mul_(beta2).add_(g * g * (1 - beta2))
+        v.add_(g * g * (1 - beta2))
     else:
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    u = m / v.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    new_absmax = moments.abs().amax(dim=2)
-    scale = torch.where(new_absmax > 0, new_absmax, torch.ones_like(new_absmax)).unsqueeze(2)
-    normalized = moments.div_(scale)
-    # the top 16 bits of each float32, as a signed number (arithmetic shift), shifted into the rotated
-    # tables of the signed (m) and unsigned (v) maps
-    cell = normalized.view(torch.int32) >> 16
-    cell[0] += 32768
-    cell[1] += 32768 + 65536
-    cell = cell.view(-1)
-    new_codes = tables.cell_code.index_select(0, cell).view(codes.shape)
-    new_codes.add_(normalized > tables.cell_threshold.index_select(0, cell).view(codes.shape))
-    return u.view(-1), new_codes[0].view(-1), new_absmax[0], new_codes[1].view(-1), new_absmax[1]
+        v.addcmul_(g, g, value=1 - beta2)
+    u = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    u = torch.div(m, u, out=u)
+    new_absmax1 = m.abs().amax(dim=1)
+    new_absmax2 = v.amax(dim=1)  # v >= +0, so its largest value is its largest magnitude
+    m.div_(torch.where(new_absmax1 > 0, new_absmax1, 1.0).unsqueeze(1))
+    v.div_(torch.where(new_absmax2 > 0, new_absmax2, 1.0).unsqueeze(1))
+    new_codes1 = _encode(m, tables.signed_cell_code, tables.signed_cell_threshold, rotate=True)
+    new_codes2 = _encode(v, tables.unsigned_cell_code, tables.unsigned_cell_threshold, rotate=False)
+    return u.view(-1), new_codes1, new_absmax1, new_codes2, new_absmax2
 
 
 class CompiledChunkKernel:
@@ -125,3 +146,37 @@ class CompiledChunkKernel:
                 )
                 self.compiled = None
         return adamw8bit_chunk(*args)
+
+
+_POOLS: dict[
+    tuple[int, int], ThreadPoolExecutor
+] = {}  # by (process id: a forked child starts its own, threads)
+
+
+def _one_thread_each(step_chunk: Callable[[T], None], chunks: list[T]) -> None:
+    torch.set_num_threads(1)  # this worker's own operations run inline: no parallel region per operation
+    with torch.no_grad():  # grad mode is per thread; an optimizer step runs without autograd
+        for chunk in chunks:
+            step_chunk(chunk)
+
+
+def run_chunks(step_chunk: Callable[[T], None], chunks: list[T], device: torch.device) -> None:
+    """`step_chunk` on every chunk. On a CPU with several intra-op threads the chunks are shared out
+    among that many worker threads, each running its operations single-threaded (torch releases the
+    GIL inside them): one fork and one join per step instead of a parallel region per operation, each
+    of which waits for every core, a busy one included. Chunks are independent (disjoint state and
+    parameter slices), so the result does not depend on the thread count."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            step_chunk(chunk)
+        return
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(threads, "adamw8bit"))
+    try:
+        torch.set_num_threads(1)
+        shares = [chunks[i::threads] for i in range(threads)]
+        for future in [pool.submit(_one_thread_each, step_chunk, share) for share in shares if share]:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)

@@ -39,7 +39,6 @@ from parallel.lowbit.quant import (
     NF4_CODE,
     _blocks,
     create_dynamic_map,
-    dequantize_blocks,
     quantize_blocks,
     rounding_tables,
 )
@@ -251,10 +250,25 @@ def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tensor `q` encodes, of its original shape, in `dtype` (default: the dtype that was quantized).
 
-    Decoding is done in float32 (code value times block absmax) and cast once at the end.
+    One gather and one in-place multiply: each byte indexes a 256-entry table of its two nibbles' fp32
+    code values (stored as one 8-byte word, so the gather moves whole pairs and the result is already
+    unpacked, in order), then each block is scaled by its absmax in fp32 and cast once (no copy for fp32).
     """
-    unpacked = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=-1).reshape(-1)
+    absmax = nf4_absmax(q)
+    pairs = _nf4_byte_pairs(q.device).index_select(0, q.packed.reshape(-1).int())
     padded = q.n_blocks * q.block_size
-    codes = unpacked[:padded].view(q.n_blocks, q.block_size)
-    values = dequantize_blocks(codes, nf4_absmax(q), rounding_tables(NF4_CODE, q.device)).reshape(-1)
-    return values[: q.numel].reshape(q.shape).to(dtype or q.dtype)
+    values = pairs.view(torch.float32)[:padded].view(q.n_blocks, q.block_size).mul_(absmax.unsqueeze(1))
+    return values.view(-1)[: q.numel].view(q.shape).to(dtype or q.dtype)
+
+
+_NF4_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_byte_pairs(device: torch.device) -> torch.Tensor:
+    """(256,) words of 8 bytes: for byte b, the fp32 values of NF4 codes b >> 4 then b & 15, in memory
+    order (so that viewing a gather of them as fp32 gives the unpacked values in order)."""
+    if device not in _NF4_PAIRS:
+        byte = torch.arange(256)
+        pairs = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 0x0F]], dim=1).contiguous()
+        _NF4_PAIRS[device] = pairs.view(torch.float64).reshape(256).to(device)
+    return _NF4_PAIRS[device]
