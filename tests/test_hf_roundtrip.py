@@ -18,11 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
-transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 TOL = 1e-5
@@ -175,7 +174,8 @@ def test_qlora_is_layout_independent_and_final_and_export_are_the_runs_model(tmp
 
 
 def test_lora_final_matches_peft_on_the_original_base_and_greedy_decoding_matches(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = _base(tmp_path / "base")
     run = _train(tmp_path, base, "lora", LORA, tp=2, steps=3)
     _check_folder(run / "final")
@@ -207,6 +207,14 @@ def test_full_fine_tuning_of_a_bf16_base_exports_bf16(tmp_path):
     run = _train(tmp_path, base, "full", [], tp=2, steps=2)
     _check_folder(run / "final", dtype="BF16")
     assert json.loads((run / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_lora_and_full_fine_tuning_at_tp1_write_folders_transformers_computes_like_ours(tmp_path):
+    """The one-process write path (no TP gather) for plain LoRA and full fine-tuning, fp32 (1e-5)."""
+    base = _base(tmp_path / "base")
+    for name, extra in (("lora-tp1", LORA), ("full-tp1", [])):
+        run = _train(tmp_path, base, name, extra, tp=1, steps=2)
+        _check_folder(run / "final")
 
 
 def test_a_pretrained_folder_without_tokenizer_is_a_one_line_error(tmp_path):

@@ -9,6 +9,7 @@ of floating-point sums.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 from test_cli import TINY, read_metrics, run_cli
 
 from models.deepseek import load_pretrained
+from train.data.sources import corpus_files
+from train.data.tokenizer import train_tokenizer
 
 MOE = [
     "model.num_layers=3",
@@ -105,11 +108,13 @@ def _hf_moe_folder(path) -> str:
     with torch.no_grad():
         model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.1, -0.1, 0.05, 0.0]))
     model.save_pretrained(path)
+    # a downloaded folder ships its tokenizer (a fresh one against pretrained weights is refused)
+    texts = (p.read_text(errors="replace") for p in corpus_files("stdlib", max_corpus_mb=0.3))
+    train_tokenizer(texts, vocab_size=512).save(str(Path(path) / "tokenizer.json"))
     return str(path)
 
 
 FINE_TUNE = [
-    "data.vocab_size=512",
     "data.seq_len=32",
     "data.max_corpus_mb=0.3",
     "train.global_batch_size=4",

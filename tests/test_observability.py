@@ -111,10 +111,14 @@ def test_tensorboard_profile_and_breakdown_in_one_run(cache_dir, tmp_path):  # n
 
 
 def _assert_breakdown(records: list[dict], steps_with_save: list[int]) -> None:
-    """The phases add up to the step time within 5% (the statements between phases are not in any)."""
+    """The phases add up to the step time within 5% (the statements between phases are not in any).
+
+    These test steps last ~15 ms, so the few hundred microseconds of bookkeeping between phases (more on
+    a loaded machine, and the profiler's own step) can pass 5% of one; 2 ms of absolute slack covers
+    that without hiding a missing phase, which would cost a whole forward, backward or optimizer step."""
     for record in (r for r in records if "split" not in r):
         parts = sum(record[key] for key in BREAKDOWN)
-        assert parts == pytest.approx(record["time_step_s"], rel=0.05), record
+        assert parts == pytest.approx(record["time_step_s"], rel=0.05, abs=2e-3), record
         assert min(record[key] for key in BREAKDOWN) >= 0, record
         assert (record["time_checkpoint_s"] > 0) == (record["step"] in steps_with_save), record
 

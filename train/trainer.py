@@ -53,6 +53,10 @@ from train.watchdog import Watchdog
 
 def train_once(config: Config, context: RunContext | None = None, *, faults: FaultPlan | None = None) -> dict:
     """Run one training job as configured; returns a summary (final losses, throughput, paths)."""
+    # before any work, even the run folder: with a pretrained model, its own tokenizer (or an error)
+    pretrained = config.model.get("pretrained")
+    tokenizer = resolve_tokenizer(config.data.tokenizer, pretrained)
+    config = replace(config, data=replace(config.data, tokenizer=tokenizer))
     own_context = context is None
     context = context or RunContext.from_config(config)
     lock, watchdog, tc = None, None, config.train
@@ -80,11 +84,6 @@ class Trainer:
         faults: FaultPlan | None = None,
         watchdog: Watchdog | None = None,
     ) -> None:
-        pretrained = config.model.get("pretrained")
-        # before any work: with a pretrained model, its own tokenizer (or an error), never a fresh one
-        config = replace(
-            config, data=replace(config.data, tokenizer=resolve_tokenizer(config.data.tokenizer, pretrained))
-        )
         self.config, self.context, self.guard, self.faults = config, context, guard, faults
         self.watchdog = watchdog
         topo, tc = context.topology, config.train

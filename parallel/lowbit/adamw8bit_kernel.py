@@ -53,13 +53,15 @@ class MomentTables:
     @staticmethod
     def build(device: torch.device) -> MomentTables:
         signed, unsigned = rounding_tables(SIGNED_MAP, device), rounding_tables(UNSIGNED_MAP, device)
+        # the optimizer owns its tables (copies, not views of the shared rounding-table cache), so its
+        # memory is what the estimator counts whatever else uses the cache
         return MomentTables(
-            signed.code,
+            signed.code.clone(),
             signed.cell_code.roll(32768),
             signed.cell_threshold.roll(32768),
-            unsigned.code,
-            unsigned.cell_code,
-            unsigned.cell_threshold,
+            unsigned.code.clone(),
+            unsigned.cell_code.clone(),
+            unsigned.cell_threshold.clone(),
         )
 
 
