@@ -26,7 +26,6 @@ bits) divided by the number of blocks, and c_g is an all-reduce MAX over the vec
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -162,10 +161,10 @@ class NF4Tensor:
         return (self.packed, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
 
 
-@functools.lru_cache(maxsize=64)
 def _shard_group_index(layout: NF4BlockLayout, n_blocks: int, device: str) -> torch.Tensor:
-    """Per block of a shard, the index of its group among the groups the shard touches (cached: every
-    decode of every layer of one shape needs the same)."""
+    """Per block of a shard, the index of its group among the groups the shard touches. Recomputed at
+    each decode (work on n_blocks = numel / 64 values, small next to the decode itself) rather than cached:
+    a cache would hold 8 bytes per block of every shard shape, memory the estimator does not count."""
     groups = layout.full_index(n_blocks, device) // ABSMAX_BLOCK_SIZE
     return torch.unique(groups, return_inverse=True)[1]
 
