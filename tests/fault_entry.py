@@ -2,7 +2,7 @@
 own options. Run it where train_mla.py would run (directly, or as torchrun's script):
 
     python tests/fault_entry.py [--fault-nan-step K] [--fault-kill-step K] [--fault-sigterm-step K]
-        [--fault-sigint-step K] [--fault-error-step K]
+        [--fault-sigint-step K] [--fault-error-step K] [--fault-hang-step K]
         [--fault-kill-in-save K] [--fault-oom STEP:MICROBATCH,...] [--fault-rank R] [--fault-once FILE]
         [train_mla.py args]
 
@@ -40,6 +40,7 @@ def fault_plan(args: argparse.Namespace, rank: int, first_attempt: bool) -> Faul
         "sigterm_step": args.fault_sigterm_step,
         "sigint_step": args.fault_sigint_step,
         "error_step": args.fault_error_step,
+        "hang_step": args.fault_hang_step,
         "kill_in_save_step": args.fault_kill_in_save,
         "oom": parse_oom(args.fault_oom),
     }
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> None:
         "sigterm-step",
         "sigint-step",
         "error-step",
+        "hang-step",
         "kill-in-save",
         "rank",
     ):

@@ -7,6 +7,7 @@ figures in benchmarks/RESULTS.md come from). Faults come from tests/fault_entry.
 """
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,23 @@ def test_sigint_saves_a_second_run_is_refused_and_one_ranks_error_is_printed(cac
     assert {aside / p.relative_to(out): b for p, b in files.items()} == {
         p: p.read_bytes() for p in aside.rglob("*") if p.is_file()
     }
+
+
+def test_a_hung_worker_is_named_by_the_watchdog_within_the_timeout(cache_dir, tmp_path):
+    """Rank 1 stops responding after step 2's backward; rank 0 waits in that step's collectives. With
+    `distributed.timeout_s=8` the watchdogs name the ranks and their phases within seconds (not the 600 s
+    default, nor the start-up timeout), and the job ends with an error instead of hanging."""
+    args = [
+        *COMMON,
+        f"data.cache_dir={cache_dir}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "distributed.timeout_s=8",
+        "distributed.startup_timeout_s=600",
+    ]
+    start = time.monotonic()
+    code, output = launch("single", args, ["--fault-hang-step=2"], 200, max_restarts=0)
+    elapsed = time.monotonic() - start
+    assert code not in (0, None), f"exit {code} (None: still hung after 200 s)\n{output[-3000:]}"
+    assert "error: [rank 0] hung for" in output, output[-3000:]
+    assert "error: [rank 1] hung for" in output and "step 2" in output, output[-3000:]
+    assert elapsed < 150, elapsed  # the 8 s limit, plus start-up: not the 600 s start-up timeout

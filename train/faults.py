@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -132,6 +133,9 @@ def set_collective_timeout(topology: Topology, seconds: float) -> None:
         dist.distributed_c10d._set_pg_timeout(timeout, group)  # no public API to change it after creation
 
 
+HANG_S = 3600.0  # a FaultPlan hang: far longer than any test's collective timeout
+
+
 @dataclass
 class FaultPlan:
     """Faults for one process of a test run; steps are 1-based, as logged.
@@ -146,6 +150,7 @@ class FaultPlan:
     sigint_step: int | None = None  # SIGINT (Ctrl-C) to itself after the backward of this step
     nan_from_step: int | None = None  # every step from this one on is NaN
     error_step: int | None = None  # an OSError on this process after the backward of this step
+    hang_step: int | None = None  # this process stops responding (sleeps) after the backward of this step
     kill_in_save_step: int | None = None  # SIGKILL while saving this step's checkpoint, before the commit
     oom: list[tuple[int, int]] = field(default_factory=list)
 
@@ -166,6 +171,8 @@ class FaultPlan:
             os.kill(os.getpid(), signal.SIGINT)
         if step == self.error_step:
             raise OSError(f"injected error on this process at step {step} (a test FaultPlan)")
+        if step == self.hang_step:
+            time.sleep(HANG_S)  # a hung worker: only the watchdog (or the collective timeout) ends the job
         if step != self.nan_step and (self.nan_from_step is None or step < self.nan_from_step):
             return loss
         if zero is not None:
