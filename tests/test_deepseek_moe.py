@@ -11,12 +11,12 @@ moves the logits by 1e-2 or more.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from dist_harness import grid, run_distributed
 from safetensors.torch import load_file
+from test_deepseek import FIXTURES, _close, _reference, _targets  # noqa: E402  (shared helpers)
 
 from models.config import MLAConfig
 from models.deepseek import config_from_hf, load_pretrained, save_pretrained
@@ -25,23 +25,7 @@ from models.moe import MoE, route
 from parallel import gather_tensor
 from parallel.tensor import tp_dim
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["v2_moe_greedy", "v2_moe_group", "v3_moe_noaux"]
-TOL = 1e-5
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    err = (actual - expected).abs().max().item()
-    scale = max(expected.abs().max().item(), 1e-12)
-    assert err <= TOL * scale, f"{what}: max error {err:.3g} exceeds {TOL} x {scale:.3g}"
-
-
-def _reference(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / f"deepseek_{name}" / "reference.safetensors"))
-
-
-def _targets(ids: torch.Tensor) -> torch.Tensor:
-    return torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], dim=1)
 
 
 def _check_against_reference(name: str, topology=None) -> None:

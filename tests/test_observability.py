@@ -240,3 +240,20 @@ def test_save_async_returns_before_the_write_commits_only_at_the_end_and_reports
     with pytest.raises(RuntimeError, match="background checkpoint save failed: disk full"):
         pending.wait()
     assert checkpoint.find_latest(tmp_path)[0] == path  # the failed one never became valid
+
+
+def test_on_cuda_only_the_logged_steps_synchronize_and_count(monkeypatch):
+    """Synchronizing every phase of every step would drain a GPU's queue: unlogged steps do neither."""
+    import torch
+
+    from train.timing import StepTimer
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    timer = StepTimer(enabled=True, device=torch.device("cuda"))
+    for logged in (False, False, True):
+        with timer.step(logged):
+            timer.switch("compute")
+    assert timer.steps == 1 and len(syncs) == 4  # step start, phase start, phase end, step end
+    record = timer.record()
+    assert record["time_step_s"] >= record["time_compute_s"] > 0

@@ -210,7 +210,8 @@ class TrainConfig:
     profile_steps: list[int] | None = None
     """`[first, last]` steps (1-based) traced by torch.profiler into `out_dir/profile/`; null: off."""
     time_breakdown: bool = True
-    """Step-time breakdown (`time_*_s`) in the metrics; on CUDA it syncs the device at phase boundaries."""
+    """Step-time breakdown (`time_*_s`) in the metrics; on CUDA it syncs the device at the phase
+    boundaries of each window's logged step."""
 
 
 @dataclass

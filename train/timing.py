@@ -10,8 +10,10 @@ that overlap the backward cost nothing here; only the wait they leave at its end
 `CommTimer` measures `comm` by wrapping the torch.distributed collectives while a step runs (on the
 training thread only: a background checkpoint writer's barriers are not counted); each call also runs in
 a profiler region named after its kind (`all_reduce`, `all_gather`, ...), which the traces of
-train/profiling.py show. On CUDA, where kernels run asynchronously, every phase boundary synchronizes
-the device so that host times are kernel times (`train.time_breakdown: false` turns the breakdown off);
+train/profiling.py show. On CUDA, where kernels run asynchronously, the phase boundaries of the logged
+step of each window synchronize the device so that host times are kernel times; the other steps are not
+synchronized (that would drain the device's queue at every phase of every step) and not measured, so
+there the means are those of the logged steps (`train.time_breakdown: false` turns the breakdown off).
 NCCL collectives are then mostly counted as compute, since the host does not block on them.
 
 The record of a logging window carries per-step means: `time_step_s` (the wall time of the steps,
@@ -118,6 +120,7 @@ class StepTimer:
         self.enabled, self.device = enabled, device
         self.comm = CommTimer()
         self._phase: tuple | None = None
+        self._measuring = True  # this step counts (and, on CUDA, synchronizes the device)
         self._reset()
 
     def _reset(self) -> None:
@@ -125,12 +128,14 @@ class StepTimer:
         self.step_seconds, self.steps = 0.0, 0
 
     def _sync(self) -> None:
-        if self.enabled and self.device.type == "cuda":
+        if self.enabled and self._measuring and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """One training step: its wall time, and collectives timed while it runs."""
+    def step(self, logged: bool = True) -> Iterator[None]:
+        """One training step: its wall time, and collectives timed while it runs. On CUDA only `logged`
+        steps are measured (see the module docstring); elsewhere every step is, at no cost."""
+        self._measuring = logged or self.device.type != "cuda"
         self._sync()
         start = time.perf_counter()
         try:
@@ -139,8 +144,10 @@ class StepTimer:
         finally:
             self.switch(None)
         self._sync()
-        self.step_seconds += time.perf_counter() - start
-        self.steps += 1
+        if self._measuring:
+            self.step_seconds += time.perf_counter() - start
+            self.steps += 1
+        self._measuring = True
 
     def switch(self, name: str | None) -> None:
         """End the current phase (if any) and start phase `name` (None: none). Its blocked collective
@@ -150,8 +157,9 @@ class StepTimer:
             self._phase = None
             self._sync()
             comm = self.comm.seconds - comm_before
-            self.totals[phase] += time.perf_counter() - start - comm
-            self.totals["comm"] += comm
+            if self._measuring:
+                self.totals[phase] += time.perf_counter() - start - comm
+                self.totals["comm"] += comm
             region.__exit__(None, None, None)
         if name is not None:
             self._sync()

@@ -170,10 +170,11 @@ class Trainer:
         self.start = self.last_log_time = time.perf_counter()
         for step in range(self.start_step, tc.steps):
             self.watch.profiler.before_step(step + 1)
-            with self.watch.timer.step():
+            logged = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            with self.watch.timer.step(logged):
                 lr, step_len, grad_norm = self.step(step)
             self.done = done = step + 1
-            if (done % tc.log_every == 0 or done == tc.steps) and not self.log(lr, step_len, grad_norm):
+            if logged and not self.log(lr, step_len, grad_norm):
                 break
             if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
                 self.evaluate(done)
