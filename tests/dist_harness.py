@@ -150,16 +150,16 @@ def run_distributed(
 
 
 class grid:
-    """`with grid(dp=2, tp=2) as topo:` builds the (pp, dp, tp) groups on a pooled worker, then frees them."""
+    """`with grid(dp=2, tp=2) as topo:` builds the (pp, dp, cp, tp) groups (and ep's) on a pooled worker,
+    then frees them."""
 
-    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1) -> None:
-        self.dims = (dp, tp, pp)
+    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1) -> None:
+        self.dims = dict(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
 
     def __enter__(self):
         from parallel import ParallelDims, init_distributed
 
-        dp, tp, pp = self.dims
-        self.topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp))
+        self.topology = init_distributed(ParallelDims(**self.dims))
         return self.topology
 
     def __exit__(self, *exc) -> None:

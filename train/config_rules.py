@@ -67,6 +67,8 @@ RULES: dict[str, Rule] = {
     "distributed.dp": _at_least(1),
     "distributed.tp": _at_least(1),
     "distributed.pp": _at_least(1),
+    "distributed.cp": _at_least(1),
+    "distributed.ep": _at_least(1),
     "distributed.zero_stage": _one_of(0, 1, 2, 3),
     "distributed.pp_schedule": _one_of("gpipe", "1f1b", "interleaved_1f1b", "zb1p"),
     "distributed.num_microbatches": _at_least(1),

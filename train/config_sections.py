@@ -76,11 +76,16 @@ class DistributedConfig:
     backend: str = "auto"
     """`auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
     dp: int | None = None
-    """Data-parallel size (>= 1; null: world size / (tp x pp))."""
+    """Data-parallel size (>= 1; null: world size / (tp x pp x cp))."""
     tp: int | None = None
     """Tensor-parallel size (>= 1; null: 1); must divide `model.num_heads` and `model.intermediate_size`."""
     pp: int = 1
     """Pipeline stages (>= 1)."""
+    cp: int = 1
+    """Context-parallel size (>= 1): each sequence split over this many ranks (see the long-context guide)."""
+    ep: int = 1
+    """Expert-parallel size (>= 1; divides dp): the routed experts split over this many of the data-parallel
+    ranks (see the MoE guide)."""
     zero_stage: int = 0
     """0 (plain data parallel), 1 (optimizer state + fp32 master weights sharded over dp), 2 (+ gradients),
     3 (+ parameters)."""

@@ -53,31 +53,37 @@ class RunContext:
         dist_cfg = config.distributed
         launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
-        tp = dist_cfg.tp or 1
-        pp = dist_cfg.pp
-        if world % (tp * pp):
+        tp, pp, cp, ep = dist_cfg.tp or 1, dist_cfg.pp, dist_cfg.cp, dist_cfg.ep
+        if world % (tp * pp * cp):
             raise ConfigError(
-                f"distributed.tp={tp} x distributed.pp={pp} does not divide the world size {world}"
+                f"distributed.tp={tp} x distributed.pp={pp} x distributed.cp={cp} does not divide the world "
+                f"size {world}"
             )
-        dp = dist_cfg.dp or world // (tp * pp)
-        if dp * tp * pp != world:
-            hint = "" if launched else f" (launch with: torchrun --nproc-per-node {dp * tp * pp} ...)"
+        dp = dist_cfg.dp or world // (tp * pp * cp)
+        if dp * cp * tp * pp != world:
+            needed = dp * cp * tp * pp
+            hint = "" if launched else f" (launch with: torchrun --nproc-per-node {needed} ...)"
             raise ConfigError(
-                f"distributed: dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} does not equal the world size "
+                f"distributed: dp*cp*tp*pp = {dp}*{cp}*{tp}*{pp} = {needed} does not equal the world size "
                 f"{world}{hint}"
+            )
+        if dp % ep:
+            raise ConfigError(
+                f"distributed.ep={ep} does not divide dp={dp}: expert-parallel ranks are carved out of the "
+                "data-parallel ranks"
             )
         backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
         # long while starting (one rank may build the data while the others wait); the trainer sets
         # `timeout_s` once the first step is done
         timeout = dist_cfg.startup_timeout_s  # >= timeout_s (train/config.py checks)
-        topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp), backend, timeout)
+        topology = init_distributed(ParallelDims(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep), backend, timeout)
         if topology.is_distributed:
             why = "torchrun environment (RANK/WORLD_SIZE set)"
             how = f"distributed: {world} ranks over {topology.backend}"
         else:
             why = "no torchrun environment (RANK/WORLD_SIZE unset)"
             how = "single process"
-        layout = f"dp={dp} tp={tp} pp={pp}"
+        layout = f"dp={dp} tp={tp} pp={pp}" + (f" cp={cp}" if cp > 1 else "") + (f" ep={ep}" if ep > 1 else "")
         if dist_cfg.dp is None and dist_cfg.tp is None and pp == 1 and world > 1:
             layout += (
                 f" (chosen from world size {world}: data parallel; set distributed.tp to shard the model)"

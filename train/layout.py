@@ -77,6 +77,12 @@ def check_tokens(mcfg: MLAConfig, dataset: Dataset) -> None:
 def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
     """Why `config` (with its layout) cannot run the model `mcfg`, in one line naming the keys; or None."""
     dc = config.distributed
+    if dc.ep > 1 and not mcfg.is_moe:
+        return f"distributed.ep={dc.ep} needs a mixture-of-experts model (model.n_routed_experts > 0)"
+    if dc.ep > 1:
+        return f"distributed.ep={dc.ep}: expert parallelism is not implemented yet (use ep=1)"
+    if dc.cp > 1:
+        return f"distributed.cp={dc.cp}: context parallelism is not implemented yet (use cp=1)"
     if dc.zero_stage == 3 and dc.pp > 1 and dc.pp_schedule == "zb1p":
         return (
             "distributed.pp_schedule='zb1p' with distributed.zero_stage=3: zero-bubble defers weight "
