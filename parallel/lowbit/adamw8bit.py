@@ -57,6 +57,7 @@ from parallel.lowbit.adamw8bit_kernel import (
     CompiledChunkKernel,
     MomentTables,
     adamw8bit_chunk,
+    native_step,
     run_chunks,
 )
 
@@ -229,6 +230,17 @@ class AdamW8bit(torch.optim.Optimizer):
         step_size, bias_correction2_sqrt = self._scalars(group, params)
         per_param = {id(p): (s, b) for p, s, b in zip(params, step_size, bias_correction2_sqrt, strict=True)}
         decay = 1 - group["lr"] * group["weight_decay"]
+        if not self.compile:  # fp32 CPU parameters: the native kernel, one call per parameter
+            eps = group["eps"]
+            params = [
+                p
+                for p in params
+                if not native_step(
+                    p, self.state[p], tables, (beta1, beta2, eps, *per_param[id(p)][::-1], decay)
+                )
+            ]
+            if not params:
+                return
         kernel = self._chunk_kernel()
 
         def step_chunk(chunk: list[_Piece]) -> None:
