@@ -21,8 +21,6 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_STACK_BLOCK 4096
-
 static int64_t take(int64_t *next, int64_t grain) { return __atomic_fetch_add(next, grain, __ATOMIC_RELAXED); }
 
 static inline uint32_t float_bits(float x) {
@@ -281,43 +279,68 @@ static inline uint8_t nibble(const uint8_t *packed, int64_t i) {
     return (i & 1) ? packed[i >> 1] & 0x0F : packed[i >> 1] >> 4;
 }
 
+static inline void store(void *out, int64_t i, float x, int kind) {
+    if (kind == 0)
+        ((float *)out)[i] = x;
+    else
+        ((uint16_t *)out)[i] = kind == 1 ? to_bf16(x) : to_f16(x);
+}
+
+#if defined(__AVX512F__)
+/* 16 floats to bfloat16, round to nearest even (finite values: the NF4 outputs are finite). */
+static inline __m256i to_bf16_16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+static inline void store16(void *out, int64_t i, __m512 x, int kind) {
+    if (kind == 0)
+        _mm512_storeu_ps((float *)out + i, x);
+    else if (kind == 1)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), to_bf16_16(x));
+    else
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i),
+                            _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+/* Values [start, start + n) of one block, start even: code[nibble] * scale in fp32, then cast. */
+static void dequantize_run(const nf4_args *a, int64_t start, int64_t n, float scale) {
+    const uint8_t *bytes = a->packed + (start >> 1);
+    int64_t j = 0; /* values done */
+#if defined(__AVX512F__)
+    const __m512 code = _mm512_loadu_ps(a->nf4_code), scalev = _mm512_set1_ps(scale);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (; j + 32 <= n; j += 32) { /* 16 bytes: their high nibbles, their low ones, interleaved */
+        const __m512i byte = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bytes + j / 2)));
+        const __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(byte, 4), code), scalev);
+        const __m512 low = _mm512_mul_ps(
+            _mm512_permutexvar_ps(_mm512_and_si512(byte, _mm512_set1_epi32(0x0F)), code), scalev);
+        store16(a->out, start + j, _mm512_permutex2var_ps(high, first, low), a->out_kind);
+        store16(a->out, start + j + 16, _mm512_permutex2var_ps(high, second, low), a->out_kind);
+    }
+#endif
+    for (; j < n; j++)
+        store(a->out, start + j, a->nf4_code[nibble(a->packed, start + j)] * scale, a->out_kind);
+}
+
 int nf4_dequantize(const nf4_args *a, int64_t *next, int64_t grain) {
-    float stack[MAX_STACK_BLOCK];
-    float *values = a->block_size <= MAX_STACK_BLOCK ? stack : malloc(sizeof(float) * (size_t)a->block_size);
-    if (values == NULL)
-        return 1;
     for (int64_t first = take(next, grain); first < a->n_blocks; first = take(next, grain)) {
-        int64_t end = first + grain < a->n_blocks ? first + grain : a->n_blocks;
+        const int64_t end = first + grain < a->n_blocks ? first + grain : a->n_blocks;
         for (int64_t b = first; b < end; b++) {
             const float scale = block_absmax(a, b);
             const int64_t start = b * a->block_size;
             const int64_t n = a->numel - start < a->block_size ? a->numel - start : a->block_size;
             if ((start & 1) == 0) {
-                const uint8_t *bytes = a->packed + (start >> 1);
-                for (int64_t j = 0; j < n / 2; j++) {
-                    values[2 * j] = a->nf4_code[bytes[j] >> 4] * scale;
-                    values[2 * j + 1] = a->nf4_code[bytes[j] & 0x0F] * scale;
-                }
-                if (n & 1)
-                    values[n - 1] = a->nf4_code[nibble(a->packed, start + n - 1)] * scale;
-            } else {
-                for (int64_t j = 0; j < n; j++)
-                    values[j] = a->nf4_code[nibble(a->packed, start + j)] * scale;
-            }
-            if (a->out_kind == 0) {
-                memcpy((float *)a->out + start, values, sizeof(float) * (size_t)n);
-            } else if (a->out_kind == 1) {
-                uint16_t *out = (uint16_t *)a->out + start;
-                for (int64_t j = 0; j < n; j++)
-                    out[j] = to_bf16(values[j]);
-            } else {
-                uint16_t *out = (uint16_t *)a->out + start;
-                for (int64_t j = 0; j < n; j++)
-                    out[j] = to_f16(values[j]);
+                dequantize_run(a, start, n, scale);
+            } else { /* odd block sizes: blocks that start in the low nibble of a byte */
+                store(a->out, start, a->nf4_code[nibble(a->packed, start)] * scale, a->out_kind);
+                dequantize_run(a, start + 1, n - 1, scale);
             }
         }
     }
-    if (values != stack)
-        free(values);
     return 0;
 }
