@@ -12,7 +12,9 @@ index the 256-entry code books, and rounding to the nearest code is a lookup ind
 of each float (see parallel.lowbit.quant.RoundingTables), written once and then updated in place.
 `run_chunks` shares the chunks among single-threaded worker threads on a multi-threaded CPU.
 `CompiledChunkKernel` runs the same function through `torch.compile` with a one-time, loud fallback to
-eager.
+eager. `native_step` does a whole fp32 CPU parameter's step in the native kernel (csrc/lowbit.c), the
+same operations per block in one pass; its agreement with `adamw8bit_chunk` is checked bit for bit at
+first use (`_native_matches_eager`), and it is not used where it differs.
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@
  * operation is written in the order, and with the fusions, of the eager torch code it replaces
  * (parallel/lowbit/adamw8bit_kernel.py, parallel/lowbit/nf4.py), and the file is compiled with
  * -ffp-contract=off, so that the results are bit-identical: where ATen's vectorised CPU kernels use a
- * fused multiply-add (lerp, add with alpha), fmaf() is written here; everything else is one IEEE
- * operation at a time.
+ * fused multiply-add (lerp, addcmul, add with alpha), fmaf() is written here (a plain multiply and add
+ * for ATen's scalar DEFAULT build); the square root is the one torch uses (MKL's vmsSqrt, which is not
+ * always correctly rounded, passed in by the loader when torch has it); everything else is one IEEE
+ * operation at a time. The AVX-512 paths (when compiled for a CPU that has it) do the same operations
+ * 16 values at a time, with the code books gathered.
  *
  * Threads: each function processes work units of `grain` blocks taken from the shared counter `next`
  * (an atomic fetch-and-add), so several threads calling the same function with the same counter share
@@ -235,7 +238,7 @@ typedef struct {
     const uint8_t *absmax_codes; /*   per block, the signed dynamic map's code of absmax - offset */
     const float *dynamic_code;   /*   the signed dynamic map (256 values) */
     const float *absmax_scale;   /*   per group */
-    const int64_t *group_index;  /*   per block, its group; NULL: block / 256 */
+    const int64_t *group_index;  /*   per block, its group; NULL: block / 256 (ABSMAX_BLOCK_SIZE) */
     float absmax_offset;
     int32_t out_kind; /* 0 float32, 1 bfloat16, 2 float16 */
     const float *nf4_code; /* 16 values */
