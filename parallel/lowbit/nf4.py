@@ -274,12 +274,15 @@ NATIVE_GRAIN = 1024  # blocks per work unit of the native kernel (64 Ki values a
 
 
 def _dequantize_native(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """`dequantize_nf4` in the native kernel, or None where it does not apply (module docstring)."""
+    """`dequantize_nf4` in the native kernel, or None where it does not apply (see `dequantize_nf4`)."""
     if q.device.type != "cpu" or dtype not in _NATIVE_KINDS:
         return None
+    expected = {id(q.packed): torch.uint8, id(q.absmax_codes): torch.uint8}
+    for t in q.tensors():
+        if t.dtype != expected.get(id(t), torch.float32) or not t.is_contiguous():
+            return None
     lib = native.library()
-    tensors = [t for t in q.tensors() if t.dim() > 0]
-    if lib is None or not all(t.is_contiguous() for t in tensors):
+    if lib is None:
         return None
     out = torch.empty(q.shape, dtype=dtype)
     group = q.group_index() if q.double_quant and q.layout is not None else None
