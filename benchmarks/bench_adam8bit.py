@@ -1,15 +1,16 @@
 """`parallel.AdamW8bit` against torch AdamW (fused and foreach): step time and optimizer-state memory.
 
 Step time: one optimizer step on a single 4096 x 4096 fp32 parameter (16.8 M values, gradient ~0.01 N(0,1)),
-for torch AdamW fused, torch AdamW foreach, ours eager and ours with `compile=True`, each owning its own
-copy of the parameter. The variants are interleaved (A B C D, then B C D A, ...) so that drift of this
-shared machine falls on all alike; medians are reported with the paired ratio ours / fused (median over
-rounds of the per-round ratio). Measured at 1 intra-op thread and at torch's default thread count: on a
-shared 2-core machine the second is noisy, because every multi-threaded operation waits for a core.
-bitsandbytes and torchao `AdamW8bit` are timed too when importable (and when their first step runs on
-this CPU build of torch); when they are not, the output says why. A third run ("busy") repeats the
-default-thread measurement while another process spins on a core, as a shared machine does: the goal is
-that ours / fused under that load stays within 2x of its quiet figure.
+for torch AdamW fused, torch AdamW foreach, ours (the native CPU kernel: parallel.lowbit.native), ours with
+the native kernel switched off (the eager torch kernel, the path before issue 22: bit-identical results) and
+ours with `compile=True`, each owning its own copy of the parameter. The variants are interleaved (A B C D,
+then B C D A, ...) so that drift of this shared machine falls on all alike; medians are reported with the
+paired ratio ours / fused (median over rounds of the per-round ratio). Measured at 1 intra-op thread and at
+torch's default thread count: on a shared 2-core machine the second is noisy, because every multi-threaded
+operation waits for a core. bitsandbytes and torchao `AdamW8bit` are timed too when importable (and when
+their first step runs on this CPU build of torch); when they are not, the output says why. A third run
+("busy") repeats the default-thread measurement while another process spins on a core, as a shared machine
+does: the goal is that ours / fused under that load stays within 2x of its quiet figure.
 
 Memory: optimizer-state bytes on the `small` config (examples/configs/small.yaml: its model section and
 data.vocab_size), built on the meta device so nothing is allocated: torch AdamW keeps exp_avg and
@@ -33,9 +34,25 @@ import yaml
 from _common import REPO_ROOT, markdown_table, paired_ratio, parse_args, summary, write_json
 
 from models import MLAConfig, MLATransformer
+from parallel.lowbit import native
 from parallel.lowbit.adamw8bit import AdamW8bit
 
 SHAPE = (4096, 4096)
+
+
+class EagerKernelAdamW8bit:
+    """Our AdamW8bit with the native kernel switched off for its steps: the eager torch kernel."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.optimizer = AdamW8bit(params)
+
+    def step(self) -> None:
+        saved = native.library
+        native.library = lambda: None
+        try:
+            self.optimizer.step()
+        finally:
+            native.library = saved
 
 
 def interleaved(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -82,6 +99,7 @@ def step_times(
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "ours AdamW8bit": lambda ps: AdamW8bit(ps),
+        "ours AdamW8bit eager kernel": EagerKernelAdamW8bit,
     }
     if with_compile:
         makers["ours AdamW8bit compile=True"] = lambda ps: AdamW8bit(ps, compile=True)

@@ -7,8 +7,11 @@
    count) and compared with the formula: 4 + 32/64 = 4.5 bits per parameter without double
    quantization, 4 + 8/64 + 32/(64*256) + 32/n with (per tensor of n values, block padding aside).
 2. NF4 dequantize throughput: `dequantize_nf4` of a d x d weight (double-quantized) to bf16 and fp32, one
-   thread, against a baseline measured in the same run: cloning the output (a pure memory copy of the
-   same bytes). GB/s counts bytes read (codes and scales) plus bytes written.
+   thread, against baselines measured in the same run: cloning the output (a pure memory copy of the
+   same bytes), our torch path (the native kernel switched off: the path before issue 22, same bits)
+   and bitsandbytes' `dequantize_4bit` when importable. GB/s counts bytes read (codes and scales) plus
+   bytes written. Then quantize: `quantize_nf4` against bitsandbytes' `quantize_4bit` and torchao's
+   `to_nf4` (blocks of 64, scales double-quantized in groups of 256), when importable.
 3. Training step (forward, backward, AdamW on the adapters) of a small MLA model with LoRA (r=8) on every
    linear of the decoder layers, under bf16 autocast, three ways: "bf16 LoRA" (frozen base weights
    stored in bf16), "QLoRA" (targeted weights in NF4 with double quantization, decoded to bf16 in
@@ -35,6 +38,7 @@ from _common import write_json as write_results
 
 from models.config import MLAConfig
 from models.transformer import MLATransformer
+from parallel.lowbit import native
 from parallel.lowbit.lora import apply_lora, lora_modules
 from parallel.lowbit.quant import dequantize_nf4, quantize_nf4
 
@@ -140,6 +144,66 @@ def bitsandbytes_dequantize(w: torch.Tensor) -> Callable[[], torch.Tensor] | str
     return lambda: bnb_functional.dequantize_4bit(packed, state)
 
 
+def torch_path_dequantize(q, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_nf4` with the native kernel switched off: the torch path, the same bits."""
+    saved = native.library
+    native.library = lambda: None
+    try:
+        return dequantize_nf4(q, dtype)
+    finally:
+        native.library = saved
+
+
+def quantize_peers(w: torch.Tensor) -> dict[str, Callable[[], object] | str]:
+    """Each peer's NF4 quantize of `w` (blocks of 64, double-quantized scales) as a callable, or why not."""
+    peers: dict[str, Callable[[], object] | str] = {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        peers["bitsandbytes"] = "not installed"
+    else:
+        import bitsandbytes.functional as bnb_functional
+
+        peers["bitsandbytes"] = lambda: bnb_functional.quantize_4bit(
+            w, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        peers["torchao"] = lambda: to_nf4(w, 64, 256)
+    except ImportError as error:
+        peers["torchao"] = f"not importable: {error}"
+    return peers
+
+
+def quantize_times(quick: bool) -> dict:
+    """Quantize a d x d fp32 weight, ours against each peer, interleaved, one thread."""
+    torch.set_num_threads(1)
+    d, repeats = (2048, 5) if quick else (4096, 7)
+    w = torch.randn(d, d)
+    steps: dict[str, Callable[[], object]] = {"ours": lambda: quantize_nf4(w, double_quant=True)}
+    skipped = {}
+    for name, peer in quantize_peers(w).items():
+        if isinstance(peer, str):
+            skipped[name] = peer
+            continue
+        try:
+            peer()
+            steps[name] = peer
+        except Exception as error:  # noqa: BLE001 - a peer that cannot run on this build is reported
+            skipped[name] = f"failed here: {type(error).__name__}: {str(error)[:160]}"
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(repeats + 1):  # rotated order each round; the first round warms up
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            if i:
+                times[name].append(time.perf_counter() - start)
+    rows = {
+        name: {**summary(t), "ours_over_peer": paired_ratio(times["ours"], t)} for name, t in times.items()
+    }
+    return {"shape": [d, d], "rows": rows, "skipped": skipped}
+
+
 def dequantize_throughput(quick: bool) -> dict:
     torch.set_num_threads(1)
     d = 2048 if quick else 4096
@@ -151,9 +215,11 @@ def dequantize_throughput(quick: bool) -> dict:
         out = dequantize_nf4(q, dtype)
         written = out.numel() * out.element_size()
         peer = bitsandbytes_dequantize(torch.randn(d, d).to(dtype))
-        times = {"dequantize": [], "copy": [], **({"bitsandbytes": []} if callable(peer) else {})}
+        times = {"dequantize": [], "copy": [], "torch path": []}
+        times.update({"bitsandbytes": []} if callable(peer) else {})
         for i in range(repeats + 1):
             steps = [("dequantize", lambda dtype=dtype: dequantize_nf4(q, dtype)), ("copy", out.clone)]
+            steps.append(("torch path", lambda dtype=dtype: torch_path_dequantize(q, dtype)))
             if callable(peer):
                 steps.append(("bitsandbytes", peer))
             for name, fn in steps if i % 2 else reversed(steps):
@@ -172,6 +238,7 @@ def dequantize_throughput(quick: bool) -> dict:
                 "params_per_s": d * d / deq,
                 "copy_gb_per_s": 2 * written / copy / 1e9,
                 "dequantize_over_copy": paired_ratio(times["dequantize"], times["copy"]),
+                "dequantize_over_torch_path": paired_ratio(times["dequantize"], times["torch path"]),
                 **(
                     {"dequantize_over_bitsandbytes": paired_ratio(times["dequantize"], times["bitsandbytes"])}
                     if callable(peer)
@@ -276,6 +343,7 @@ def main() -> None:
                 "Mparam/s",
                 "copy GB/s",
                 "dequant / copy",
+                "/ torch path",
                 "/ bitsandbytes",
             ],
             [
@@ -287,12 +355,26 @@ def main() -> None:
                     r["params_per_s"] / 1e6,
                     r["copy_gb_per_s"],
                     r["dequantize_over_copy"],
+                    r["dequantize_over_torch_path"],
                     r.get("dequantize_over_bitsandbytes", r.get("bitsandbytes")),
                 ]
                 for r in throughput["rows"]
             ],
         )  # fmt: skip
     )
+    quantize = quantize_times(args.quick)
+    print(f"\nNF4 quantize of a {quantize['shape'][0]}x{quantize['shape'][1]} fp32 weight, 1 thread:\n")
+    print(
+        markdown_table(
+            ["quantizer", "median ms", "q1 ms", "q3 ms", "ours / it (paired)"],
+            [
+                [n, r["median_ms"], r["q1_ms"], r["q3_ms"], r["ours_over_peer"]]
+                for n, r in quantize["rows"].items()
+            ],
+        )
+    )
+    for name, reason in quantize["skipped"].items():
+        print(f"{name}: {reason}")
     steps = run_world(step_times, args.quick, world_size=1)
     b, s = steps["batch"]
     print(f"\nLoRA r=8 training step, batch {b}x{s}, one process, one thread:\n")
@@ -318,7 +400,13 @@ def main() -> None:
     )
     write_results(
         Path(args.json),
-        {"quick": args.quick, "weight_memory": memory, "dequantize": throughput, "training_step": steps},
+        {
+            "quick": args.quick,
+            "weight_memory": memory,
+            "dequantize": throughput,
+            "quantize": quantize,
+            "training_step": steps,
+        },
     )
 
 

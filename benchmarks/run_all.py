@@ -301,7 +301,8 @@ def zero_memory(r: dict) -> list[dict]:
 
 
 def qlora(r: dict) -> list[dict]:
-    """QLoRA / bf16 LoRA step time, and the NF4 bits per parameter of the decoder linears."""
+    """NF4 dequantize and quantize against the peers, QLoRA / bf16 LoRA step time, and the NF4 bits per
+    parameter of the decoder linears."""
     formats = {x.get("format"): x for x in items(r, "weight_memory", "rows")}
     peers = [
         headline(
@@ -312,6 +313,12 @@ def qlora(r: dict) -> list[dict]:
         for x in items(r, "dequantize", "rows")
         if isinstance(x, dict) and "dequantize_over_bitsandbytes" in x
     ]
+    quantize = get(r, "quantize", "rows")
+    for peer in ("bitsandbytes", "torchao"):  # rows only when they were timed
+        if isinstance(quantize, dict) and peer in quantize:
+            peers.append(
+                headline(f"NF4 quantize / {peer}", num(quantize, peer, "ours_over_peer"), below(1.0))
+            )
     return peers + [
         headline("QLoRA / bf16 LoRA step time", num(r, "training_step", "qlora_over_bf16_lora")),
         headline(

@@ -5,7 +5,9 @@ Tolerances and why:
   the rounding of the last operation: within 2 float32 ulps of the parameter (atol 3e-7 at |p| < 1).
 - Parameters below `min_8bit_size` follow torch's foreach AdamW operation by operation: bit-identical.
 - The reference below re-implements the 8-bit algorithm with Python loops over blocks and argmin rounding;
-  the vectorised optimizer must match it bit for bit: same float32 operations, same nearest codes.
+  the vectorised optimizer must match it bit for bit: same float32 operations, same nearest codes. It is
+  checked with both kernels, the native CPU one and the eager torch one (tests/test_lowbit_native.py
+  compares the two directly); the chunking and thread-sharing tests run the eager one.
 - Against fp32 AdamW the 8-bit trajectory differs by the quantization of the moments. Two measures:
   bitsandbytes' own acceptance test of its 8-bit Adam (re-synchronised every step, its thresholds), and a
   free-running 100-step trajectory whose measured deviation is stated in the test.
@@ -22,6 +24,7 @@ import torch
 from test_cli import TINY, read_metrics, run_cli
 
 from models import MLAConfig, MLATransformer
+from parallel.lowbit import native
 from parallel.lowbit.adamw8bit import SIGNED_MAP, UNSIGNED_MAP, AdamW8bit
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -36,6 +39,22 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "eager"])
+def kernel(request, monkeypatch):
+    """Each kernel in turn: the native CPU one (when built) and the eager torch one, forced."""
+    if request.param == "eager":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler: the native kernel is not built")
+    return request.param
+
+
+@pytest.fixture
+def eager_kernel(monkeypatch):
+    """The eager torch kernel (its chunking and thread sharing), even where the native one is built."""
+    monkeypatch.setattr(native, "library", lambda: None)
 
 
 def nearest(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -142,7 +161,7 @@ def test_min_8bit_size_selects_the_state_kind():
     assert opt.state[large]["absmax1"].shape == (16,) and "exp_avg" not in opt.state[large]
 
 
-def test_vectorised_optimizer_equals_the_per_block_reference_bitwise():
+def test_vectorised_optimizer_equals_the_per_block_reference_bitwise(kernel):
     # 61 x 83 = 5063 values: 19 full blocks and one of 199, so the padding path is exercised.
     w0, grad = least_squares((61, 83))
     w = torch.nn.Parameter(w0.clone())
@@ -275,7 +294,7 @@ def test_state_bytes_per_parameter_on_a_large_tensor():
 # ------------------------------------------------------------------------------- layout and robustness
 
 
-def test_chunking_and_packing_do_not_change_the_result(monkeypatch):
+def test_chunking_and_packing_do_not_change_the_result(monkeypatch, eager_kernel):
     # Parameters packed several to a chunk, and one split across chunks, against one chunk per parameter.
     import parallel.lowbit.adamw8bit as adam8bit
 
@@ -299,7 +318,7 @@ def test_chunking_and_packing_do_not_change_the_result(monkeypatch):
     assert len(opt._plan(params, 256, torch.device("cpu"))) > 1
 
 
-def test_chunks_shared_among_threads_give_the_single_thread_result(monkeypatch):
+def test_chunks_shared_among_threads_give_the_single_thread_result(monkeypatch, eager_kernel):
     # With 2 intra-op threads the chunks go to 2 worker threads (each single-threaded); the chunks are
     # disjoint, so parameters and state must equal the 1-thread run bit for bit, and the caller's thread
     # setting is restored.

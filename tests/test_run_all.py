@@ -125,6 +125,7 @@ SYNTHETIC = {
             ]
         },
         "training_step": {"qlora_over_bf16_lora": 1.2},
+        "quantize": {"rows": {"ours": {"ours_over_peer": 1.0}, "bitsandbytes": {"ours_over_peer": 0.6}}},
     },
     "bench_async_save": {"blocked_ratio_async_over_sync": 0.05, "cost_ratio_async_over_sync": 0.4},
     "bench_generate": {
@@ -191,6 +192,8 @@ def test_headlines_from_synthetic_json():
 
     qlora = {r["label"]: r for r in rows["bench_qlora"]}
     assert qlora["QLoRA / bf16 LoRA step time"]["value"] == 1.2
+    assert qlora["NF4 quantize / bitsandbytes"]["met"] == "yes"
+    assert "NF4 quantize / torchao" not in qlora  # a peer that was not timed gives no row
     assert qlora["NF4 bits/param, decoder linears"]["met"] == "yes"
     assert qlora["NF4 + double quant bits/param, decoder linears"]["met"] == "no"
 

@@ -19,20 +19,27 @@ the flattened parameter zero-padded to whole blocks: blocks never straddle the t
 given, so as ZeRO's inner optimizer they live inside each shard) and `absmax1`/`absmax2` (fp32, one per
 block).
 
-Vectorisation: the 8-bit parameters of a group are laid end to end (each padded to whole blocks) and
-processed in chunks of about 2^18 values on CPU (2^24 on GPU): small parameters share a chunk, large ones
-span several. Each chunk is one fused update of its blocks, a fixed sequence of about 25 whole-chunk
-operations (decode, moments, update, absmax, re-encode; uint8 codes widened to int32 only, never int64;
-rounding by table lookup; see parallel.lowbit.adamw8bit_kernel), so the Python cost is per chunk, never
-per block, and the fp32 temporaries stay cache-sized whatever the model size. On a CPU with several
+Kernels. On the CPU, each fp32 parameter's whole step is one call of a native kernel (plain C, built at
+first use: parallel.lowbit.native): per block of 256 values, decode both moments, update them and the
+parameter, take the new absmaxes and re-encode, in one pass, shared among torch's intra-op threads in
+work units taken from an atomic counter (so a thread on a busy core takes fewer). It performs the same
+float32 operations as the eager kernel below, with the same fused multiply-adds and torch's own sqrt, and
+its results are the same bits; at first use one random step through both is compared, and any difference
+(or a failed build) leaves every step to the eager kernel, with one warning.
+
+The eager kernel (other dtypes and devices, or no C compiler): the 8-bit parameters of a group are laid
+end to end (each padded to whole blocks) and processed in chunks of about 2^18 values on CPU (2^24 on
+GPU): small parameters share a chunk, large ones span several. Each chunk is one fused update of its
+blocks, a fixed sequence of about 25 whole-chunk operations (decode, moments, update, absmax, re-encode;
+uint8 codes widened to int32 only, never int64; rounding by table lookup; see
+parallel.lowbit.adamw8bit_kernel), so the Python cost is per chunk, never per block. On a CPU with several
 intra-op threads the chunks are shared out among that many worker threads, each running single-threaded:
-one fork and one join per step rather than a parallel region per operation, which keeps the step robust
-to a busy core. The result does not depend on the chunk size or the thread count (tested bit for bit).
-With `compile=True` the chunk function goes through `torch.compile` (inductor, or triton on a GPU),
-compiled on first use for each distinct chunk size, never again for a new learning rate or step; if
-compilation fails the optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md
-the compiled kernel is slower than the eager one (its table lookups do not vectorise), so eager is the
-default.
+one fork and one join per step rather than a parallel region per operation. The result does not depend
+on the chunk size or the thread count (tested bit for bit). With `compile=True` the chunk function goes
+through `torch.compile` (inductor, or triton on a GPU) instead of the native kernel, compiled on first
+use for each distinct chunk size, never again for a new learning rate or step; if compilation fails the
+optimizer warns once and runs eagerly. On the 2-core CPU of benchmarks/RESULTS.md the compiled kernel is
+slower than both (its table lookups do not vectorise).
 
 Non-finite gradients: before anything is modified, the step checks every gradient of every group; if any
 holds a NaN or an infinity the *whole step* is skipped (no parameter, moment or step count changes, as a
@@ -57,6 +64,7 @@ from parallel.lowbit.adamw8bit_kernel import (
     CompiledChunkKernel,
     MomentTables,
     adamw8bit_chunk,
+    native_step,
     run_chunks,
 )
 
@@ -229,6 +237,17 @@ class AdamW8bit(torch.optim.Optimizer):
         step_size, bias_correction2_sqrt = self._scalars(group, params)
         per_param = {id(p): (s, b) for p, s, b in zip(params, step_size, bias_correction2_sqrt, strict=True)}
         decay = 1 - group["lr"] * group["weight_decay"]
+        if not self.compile:  # fp32 CPU parameters: the native kernel, one call per parameter
+            eps = group["eps"]
+            params = [
+                p
+                for p in params
+                if not native_step(
+                    p, self.state[p], tables, (beta1, beta2, eps, *per_param[id(p)][::-1], decay)
+                )
+            ]
+            if not params:
+                return
         kernel = self._chunk_kernel()
 
         def step_chunk(chunk: list[_Piece]) -> None:

@@ -12,11 +12,14 @@ index the 256-entry code books, and rounding to the nearest code is a lookup ind
 of each float (see parallel.lowbit.quant.RoundingTables), written once and then updated in place.
 `run_chunks` shares the chunks among single-threaded worker threads on a multi-threaded CPU.
 `CompiledChunkKernel` runs the same function through `torch.compile` with a one-time, loud fallback to
-eager.
+eager. `native_step` does a whole fp32 CPU parameter's step in the native kernel (csrc/lowbit.c), the
+same operations per block in one pass; its agreement with `adamw8bit_chunk` is checked bit for bit at
+first use (`_native_matches_eager`), and it is not used where it differs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from typing import TypeVar
 
 import torch
 
+from parallel.lowbit import native
 from parallel.lowbit.quant import create_dynamic_map, rounding_tables
 
 SIGNED_MAP = create_dynamic_map(signed=True)
@@ -118,6 +122,88 @@ def adamw8bit_chunk(
     new_codes1 = _encode(m, tables.signed_cell_code, tables.signed_cell_threshold, rotate=True)
     new_codes2 = _encode(v, tables.unsigned_cell_code, tables.unsigned_cell_threshold, rotate=False)
     return u.view(-1), new_codes1, new_absmax1, new_codes2, new_absmax2
+
+
+NATIVE_GRAIN = 256  # blocks per work unit of the native kernel (64 Ki values at blocks of 256)
+_NATIVE_CHECKED: dict[str, bool] = {}  # "ok": whether the native kernel gave eager's bits on this machine
+
+
+def native_step(p: torch.Tensor, state: dict, tables: MomentTables, scalars: tuple[float, ...]) -> bool:
+    """The whole AdamW8bit step of one fp32 CPU parameter in the native kernel (parallel.lowbit.native):
+    per block, decode, moments, p = p decay - step_size u, new absmaxes and codes, in one pass and with
+    the same float operations as `adamw8bit_chunk` followed by the optimizer's update (bit-identical).
+    `scalars` = (beta1, beta2, eps, sqrt(1 - beta2^t), lr / (1 - beta1^t), decay). False, having done
+    nothing, when the native kernels are unavailable or the parameter is not fp32 on the CPU."""
+    lib = native.library()
+    codes_and_scales = [state[key] for key in ("state1", "absmax1", "state2", "absmax2")]
+    if lib is None or p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+        return False
+    if not all(t.is_contiguous() and t.device.type == "cpu" for t in codes_and_scales):
+        return False
+    if "ok" not in _NATIVE_CHECKED:
+        _NATIVE_CHECKED["ok"] = _native_matches_eager(lib, tables)
+    if not _NATIVE_CHECKED["ok"]:
+        return False
+    g = p.grad.reshape(-1)
+    g = g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
+    _native_call(lib, p.view(-1), g, codes_and_scales, tables, scalars)
+    return True
+
+
+def _native_call(lib, p, g, codes_and_scales, tables: MomentTables, scalars: tuple[float, ...]) -> None:
+    beta1, beta2, eps, bias_correction2_sqrt, step_size, decay = scalars
+    c_scalars = native.AdamWScalars(
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        bias_correction2_sqrt,
+        eps,
+        decay,
+        -step_size,
+        native.fused_multiply_add(),
+    )
+    c_tables = native.MomentTables(
+        *(t.data_ptr() for t in (tables.signed_code, tables.signed_cell_code, tables.signed_cell_threshold)),
+        *(t.data_ptr() for t in (tables.unsigned_code, tables.unsigned_cell_code)),
+        tables.unsigned_cell_threshold.data_ptr(),
+    )
+    codes1, absmax1, codes2, absmax2 = codes_and_scales
+    n_blocks = absmax1.numel()
+    args = [p.data_ptr(), g.data_ptr(), p.numel(), codes1.data_ptr(), absmax1.data_ptr(), codes2.data_ptr()]
+    args += [absmax2.data_ptr(), n_blocks, codes1.numel() // n_blocks, ctypes.byref(c_tables)]
+    args += [ctypes.byref(c_scalars), ctypes.byref(native.vector_sqrt(lib))]
+    native.run_blocks(lib.adamw8bit_step, args, n_blocks, NATIVE_GRAIN)
+
+
+def _native_matches_eager(lib, tables: MomentTables) -> bool:
+    """One step of 64 random blocks through both kernels; the native one is used only if every bit of
+    the parameter and the new state agrees (else one warning: a torch build whose arithmetic it does not
+    reproduce, or no sqrt with torch's bits)."""
+    ok = native.vector_sqrt(lib) is not None
+    if ok:
+        gen = torch.Generator().manual_seed(0)
+        n = 64 * 256
+        p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.01
+        state = [torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8), torch.rand(64, generator=gen)]
+        state += [
+            torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8),
+            torch.rand(64, generator=gen),
+        ]
+        state[3] *= 1e-4
+        scalars = (0.9, 0.999, 1e-8, (1 - 0.999**3) ** 0.5, 1e-3 / (1 - 0.9**3), 1 - 1e-3 * 0.01)
+        u, *expected = adamw8bit_chunk(g, *state, tables, *scalars[:4])
+        expected_p = (p * scalars[5]).add_(u, alpha=-scalars[4])
+        native_state = [t.clone() for t in state]
+        _native_call(lib, p, g, native_state, tables, scalars)
+        ok = torch.equal(p, expected_p) and all(map(torch.equal, native_state, expected))
+    if not ok:
+        warnings.warn(
+            "AdamW8bit: the native CPU kernel does not reproduce the eager kernel's bits on this torch "
+            "build; running the slower eager kernel",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return ok
 
 
 class CompiledChunkKernel:
