@@ -45,6 +45,7 @@ from torch import nn
 from models.config import MLAConfig
 from models.mlp import MLP
 from parallel.collectives import copy_to_group, group_size
+from parallel.experts import combine, dispatch, local_expert_range, mark_expert_module
 
 
 @dataclass
@@ -140,12 +141,16 @@ class MoE(nn.Module):
     `update_router_bias` (each step).
     """
 
-    def __init__(self, config: MLAConfig, group=None) -> None:
+    def __init__(self, config: MLAConfig, group=None, ep_group=None) -> None:
         super().__init__()
-        self.config, self.group = config, group
+        self.config, self.group, self.ep_group = config, group, ep_group
         width = config.moe_intermediate_size
         self.gate = Router(config)
-        self.experts = nn.ModuleList(MLP(config, group, width) for _ in range(config.n_routed_experts))
+        self.expert_range = local_expert_range(config.n_routed_experts, ep_group)
+        # Keyed by global index, so names, initialisation, checkpoints and export do not depend on ep.
+        self.experts = nn.ModuleDict({str(j): MLP(config, group, width) for j in self.expert_range})
+        for expert in self.experts.values():
+            mark_expert_module(expert)
         shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config, group, width * shared) if shared else None
         self.aux_loss: torch.Tensor | None = None
@@ -158,8 +163,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.gate(flat)
-        y = run_experts(self.experts, copy_to_group(flat, self.group), routing.indices, routing.weights)
-        y = y.view(shape)
+        y = self._routed(copy_to_group(flat, self.group), routing).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         alpha = self.config.aux_loss_alpha
@@ -170,6 +174,19 @@ class MoE(nn.Module):
         if self.training and torch._C._current_graph_task_id() == -1:
             self._count(routing)
         return y
+
+    def _routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed experts' weighted sum: here, or (ep > 1) on the ranks owning the experts."""
+        experts = list(self.experts.values())
+        if group_size(self.ep_group) == 1:
+            return run_experts(experts, x, routing.indices, routing.weights)
+        rows, plan = dispatch(x, routing.indices, self.config.n_routed_experts, self.ep_group)
+        blocks = torch.split(rows, plan.counts)
+        out = torch.cat([expert.compute(b) for expert, b in zip(experts, blocks, strict=True)])
+        out = combine(out, plan, self.ep_group)
+        out = out * routing.weights.reshape(-1)[plan.order].unsqueeze(1)
+        tokens = plan.order // routing.indices.shape[1]
+        return torch.zeros_like(x).index_add(0, tokens, out.to(x.dtype))
 
     @torch.no_grad()
     def _count(self, routing: Routing) -> None:

@@ -1,0 +1,113 @@
+"""Expert parallelism against one process: the routed experts split over ep ranks, tokens moved by
+all-to-all, gradients reduced over the expert-data-parallel group.
+
+Tolerance: fp32 throughout; the expert-parallel run adds the same products in another order (the dp
+all-reduce of dense gradients, the edp all-reduce of expert gradients, experts run on other row blocks),
+so loss, gradients and AdamW-updated parameters agree to 1e-6 relative (the fp32 reduction rung). AdamW
+runs at lr 1e-4: it normalises each element, so a near-zero gradient element, whose reduction-order
+difference is large relative to itself, moves by up to ~lr more or less (seen: 2e-6 at lr 1e-3); at 1e-4
+that stays under the 1e-6 of the comparison while each step still moves every parameter by ~1e-4.
+"""
+
+import pytest
+import torch
+from dist_harness import grid, run_distributed
+from test_moe import MOE, SMALL
+
+from models.config import MLAConfig
+from models.moe import routing_statistics, update_router_bias
+from models.transformer import MLATransformer
+from parallel.data import DataParallel
+from parallel.experts import all_to_all, dispatch, is_expert_parameter
+from parallel.grad_clip import clip_grad_norm_
+
+ROWS, SEQ, STEPS = 2, 12, 3
+
+
+def _model(config, topo, uneven):
+    model = MLATransformer(config, topo)
+    model.reset_parameters(seed=7)
+    if uneven:  # experts 0-2 are never chosen (noaux_tc chooses by score + bias): they get no tokens
+        with torch.no_grad():
+            model.model.layers["1"].mlp.gate.e_score_correction_bias[:3] = -100.0
+    return model
+
+
+def _train(model, ids, dp_module, topo):
+    """STEPS AdamW steps with clipping and the router-bias update; (first loss, first grads, norms)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    first, norms = None, []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = (
+            dp_module.loss(ids, torch.roll(ids, -1, 1))
+            if dp_module
+            else model.loss(ids, torch.roll(ids, -1, 1))
+        )
+        loss.backward()
+        if first is None:
+            first = (
+                loss.detach().clone(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        groups = (None, None, topo.ep_group) if topo is not None else (None, None, None)
+        norms.append(clip_grad_norm_(model.parameters(), 0.5, *groups))
+        opt.step()
+        update_router_bias(model, 1e-2, topo.dp_group if topo is not None else None)
+    return first, norms
+
+
+def _ep_matches_one_process(dp: int, ep: int, uneven: bool) -> None:
+    config = MLAConfig(**SMALL, **MOE)
+    ids = torch.randint(0, 96, (dp * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
+    reference = _model(config, None, uneven)
+    (ref_loss, ref_grads), ref_norms = _train(reference, ids, None, None)
+    ref_stats = routing_statistics(reference)["moe_tokens_per_expert"]["model.layers.1.mlp"]
+    with grid(dp=dp, ep=ep) as topo:
+        model = _model(config, topo, uneven)
+        names = [n for n in model.state_dict() if ".experts." in n]
+        assert len(names) == 3 * 8 // ep  # this rank holds n_routed_experts / ep experts (3 matrices each)
+        wrapped = DataParallel(model, topo.dp_group, expert_group=topo.edp_group)
+        rows = ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS]
+        (loss, grads), norms = _train(model, rows, wrapped, topo)
+        torch.distributed.all_reduce(loss, group=topo.dp_group)
+        assert torch.allclose(loss / dp, ref_loss, rtol=1e-6), (loss / dp, ref_loss)
+        assert set(grads) == {n for n in ref_grads if ".experts." not in n or n in grads}
+        for name, g in grads.items():
+            scale = ref_grads[name].abs().max()
+            assert (g - ref_grads[name]).abs().max() <= 1e-6 * scale + 1e-9, name
+        for norm, ref in zip(norms, ref_norms, strict=True):  # each expert counted once
+            assert torch.allclose(norm, ref, rtol=1e-6), (norm, ref)
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            assert (p - ref_params[name]).abs().max() <= 1e-6 * ref_params[name].abs().max(), name
+        stats = routing_statistics(model, topo.dp_group)["moe_tokens_per_expert"]["model.layers.1.mlp"]
+        assert stats == ref_stats
+        if uneven:
+            assert stats[:3] == [0, 0, 0]
+        assert all(is_expert_parameter(p) for n, p in model.named_parameters() if ".experts." in n)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_parallel_equals_one_process(ep):
+    run_distributed(4, _ep_matches_one_process, dp=4, ep=ep, uneven=ep == 4)
+
+
+def _dispatch_closed_form() -> None:
+    """Rank r sends r + 1 rows of value r to every rank (variable splits) and gets them back in backward."""
+    with grid(dp=2, ep=2) as topo:
+        r = topo.ep_rank
+        x = torch.full((2 * (r + 1), 1), float(r), requires_grad=True)
+        out = all_to_all(x, [1, 2], [r + 1, r + 1], topo.ep_group)
+        assert out.view(-1).tolist() == [0.0, 1.0, 1.0]
+        (out * torch.arange(1.0, 4.0).unsqueeze(1)).sum().backward()
+        # the gradient of each sent row is the weight its receiver gave it
+        assert x.grad.view(-1).tolist() == ([1.0, 1.0] if r == 0 else [2.0, 3.0, 2.0, 3.0])
+        # a rank whose tokens all go to the other rank's experts, and one that receives nothing
+        indices = torch.full((3, 1), 3 if r == 0 else 2)
+        rows, plan = dispatch(torch.randn(3, 4), indices, 4, topo.ep_group)
+        assert plan.counts == ([0, 0] if r == 0 else [3, 3]) and rows.shape == (0 if r == 0 else 6, 4)
+
+
+def test_dispatch_moves_rows_with_variable_splits_and_back():
+    run_distributed(2, _dispatch_closed_form)
