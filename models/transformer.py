@@ -149,9 +149,7 @@ def split_layers(num_layers: int, num_stages: int, sizes: list[int] | None = Non
 class MLABackbone(nn.Module):
     """Embedding (first stage), decoder layers keyed by their global index, final norm (last stage)."""
 
-    def __init__(
-        self, config: MLAConfig, group=None, stage: StageSpec | None = None, ep_group=None
-    ) -> None:
+    def __init__(self, config: MLAConfig, group=None, stage: StageSpec | None = None, ep_group=None) -> None:
         super().__init__()
         stage = stage or StageSpec(0, config.num_layers)
         self.stage = stage

@@ -8,8 +8,9 @@ averaged gradients and need no reduction. Under expert parallelism the routed ex
 (`is_expert_parameter`) differ between the ranks of the expert-parallel group, so their part is summed
 over `ep_group` (each expert once; its expert-data-parallel replicas are identical and not counted):
 
-    ||g||^2 = [tp-summed dense part] + all-reduce over ep of [tp-summed expert part] Every rank ends with the same norm, so every rank applies the
-same scale min(1, max_norm / (||g|| + 1e-6)).
+    ||g||^2 = [tp-summed dense part] + all-reduce over ep of [tp-summed expert part]
+
+Every rank ends with the same norm, so every rank applies the same scale min(1, max_norm / (||g|| + 1e-6)).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def global_grad_norm(
     grads = [g for part in parts for g in part]
     device = grads[0].device if grads else torch.device("cpu")
     zero = torch.zeros((), dtype=torch.float32, device=device)
-    sq = torch.stack([torch.stack([g.float().pow(2).sum() for g in part]).sum() if part else zero for part in parts])
+    sq = torch.stack(
+        [torch.stack([g.float().pow(2).sum() for g in part]).sum() if part else zero for part in parts]
+    )
     if group_size(tp_group) > 1:
         dist.all_reduce(sq[0:2], group=tp_group)
     dense, expert = sq[0] + sq[2], sq[1] + sq[3]

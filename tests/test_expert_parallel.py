@@ -17,7 +17,7 @@ from test_moe import MOE, SMALL
 from models.config import MLAConfig
 from models.moe import routing_statistics, update_router_bias
 from models.transformer import MLATransformer
-from parallel.data import DataParallel
+from parallel.data import DataParallel, ZeroOptimizer
 from parallel.experts import all_to_all, dispatch, is_expert_parameter
 from parallel.grad_clip import clip_grad_norm_
 
@@ -33,49 +33,59 @@ def _model(config, topo, uneven):
     return model
 
 
-def _train(model, ids, dp_module, topo):
+def _optimizer(model, topo, zero_stage):
+    hyper = dict(lr=1e-4, weight_decay=0.1)
+    if zero_stage is None:
+        return torch.optim.AdamW(model.parameters(), **hyper)
+    return ZeroOptimizer(
+        model.parameters(), torch.optim.AdamW, zero_stage, topo.dp_group, expert_group=topo.edp_group, **hyper
+    )
+
+
+def _train(model, ids, topo, zero_stage=None):
     """STEPS AdamW steps with clipping and the router-bias update; (first loss, first grads, norms)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    opt = _optimizer(model, topo, zero_stage)
+    if zero_stage is not None:  # expert state sharded over the expert-data-parallel group, dense over dp
+        assert {b.shards for b in opt.buckets} == {topo.edp_size, topo.dp_size}
+    if topo is not None and zero_stage is None:
+        DataParallel(model, topo.dp_group, expert_group=topo.edp_group)  # hooks reduce in backward
+    ep_group = topo.ep_group if topo is not None else None
     first, norms = None, []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        loss = (
-            dp_module.loss(ids, torch.roll(ids, -1, 1))
-            if dp_module
-            else model.loss(ids, torch.roll(ids, -1, 1))
-        )
+        loss = model.loss(ids, torch.roll(ids, -1, 1))
         loss.backward()
         if first is None:
-            first = (
-                loss.detach().clone(),
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            )
-        groups = (None, None, topo.ep_group) if topo is not None else (None, None, None)
-        norms.append(clip_grad_norm_(model.parameters(), 0.5, *groups))
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            first = (loss.detach().clone(), grads)
+        if isinstance(opt, ZeroOptimizer):
+            norms.append(opt.clip_grad_norm_(0.5, None, None, ep_group))
+        else:
+            norms.append(clip_grad_norm_(model.parameters(), 0.5, None, None, ep_group))
         opt.step()
         update_router_bias(model, 1e-2, topo.dp_group if topo is not None else None)
     return first, norms
 
 
-def _ep_matches_one_process(dp: int, ep: int, uneven: bool) -> None:
+def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None) -> None:
     config = MLAConfig(**SMALL, **MOE)
     ids = torch.randint(0, 96, (dp * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
     reference = _model(config, None, uneven)
-    (ref_loss, ref_grads), ref_norms = _train(reference, ids, None, None)
+    (ref_loss, ref_grads), ref_norms = _train(reference, ids, None)
     ref_stats = routing_statistics(reference)["moe_tokens_per_expert"]["model.layers.1.mlp"]
     with grid(dp=dp, ep=ep) as topo:
         model = _model(config, topo, uneven)
         names = [n for n in model.state_dict() if ".experts." in n]
         assert len(names) == 3 * 8 // ep  # this rank holds n_routed_experts / ep experts (3 matrices each)
-        wrapped = DataParallel(model, topo.dp_group, expert_group=topo.edp_group)
         rows = ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS]
-        (loss, grads), norms = _train(model, rows, wrapped, topo)
+        (loss, grads), norms = _train(model, rows, topo, zero_stage)
         torch.distributed.all_reduce(loss, group=topo.dp_group)
         assert torch.allclose(loss / dp, ref_loss, rtol=1e-6), (loss / dp, ref_loss)
-        assert set(grads) == {n for n in ref_grads if ".experts." not in n or n in grads}
-        for name, g in grads.items():
-            scale = ref_grads[name].abs().max()
-            assert (g - ref_grads[name]).abs().max() <= 1e-6 * scale + 1e-9, name
+        if zero_stage is None:  # (ZeRO keeps the reduced gradients in its shards)
+            assert set(grads) == {n for n in ref_grads if ".experts." not in n or n in grads}
+            for name, g in grads.items():
+                scale = ref_grads[name].abs().max()
+                assert (g - ref_grads[name]).abs().max() <= 1e-6 * scale + 1e-9, name
         for norm, ref in zip(norms, ref_norms, strict=True):  # each expert counted once
             assert torch.allclose(norm, ref, rtol=1e-6), (norm, ref)
         ref_params = dict(reference.named_parameters())
@@ -91,6 +101,11 @@ def _ep_matches_one_process(dp: int, ep: int, uneven: bool) -> None:
 @pytest.mark.parametrize("ep", [2, 4])
 def test_expert_parallel_equals_one_process(ep):
     run_distributed(4, _ep_matches_one_process, dp=4, ep=ep, uneven=ep == 4)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_expert_parallel_with_zero_shards_expert_state_over_edp_and_equals_one_process(stage):
+    run_distributed(4, _ep_matches_one_process, dp=4, ep=2, uneven=True, zero_stage=stage)
 
 
 def _dispatch_closed_form() -> None:

@@ -55,6 +55,10 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
     (2, 2, 1, ["distributed.zero_stage=1"]),
     (1, 2, 2, ["distributed.pp_schedule=1f1b", "train.micro_batch_size=2", "distributed.zero_stage=2"]),
     (2, 1, 1, ["distributed.zero_stage=3", "distributed.recompute=full", "train.micro_batch_size=2"]),
+    # expert parallelism (experts split over ep of the dp ranks): x tp with recompute, x pp, x ZeRO-2
+    (2, 2, 1, ["distributed.ep=2", "distributed.recompute=full"]),
+    (2, 1, 2, ["distributed.ep=2", "distributed.pp_schedule=1f1b", "train.micro_batch_size=2"]),
+    (4, 1, 1, ["distributed.ep=2", "distributed.zero_stage=2", "train.micro_batch_size=1"]),
 ]
 
 

@@ -48,9 +48,11 @@ class ModelRunner:
         if grad_sync is not None:
             self.grad_syncs = [grad_sync]
         else:
-            # experts (ep > 1) are averaged over the expert-data-parallel group (parallel/data/data_parallel.py)
+            # experts (ep > 1): averaged over the expert-data-parallel group (parallel/data/data_parallel.py)
             experts = topology.edp_group if topology.ep_size > 1 else None
-            self.grad_syncs = [DataParallel(c, topology.dp_group, bucket_cap_mb, experts) for c in parts.chunks]
+            self.grad_syncs = [
+                DataParallel(c, topology.dp_group, bucket_cap_mb, experts) for c in parts.chunks
+            ]
         floats = (p for p in parts.parameters() if p.is_floating_point())
         self.param_dtype = next(floats).dtype  # activations between pipeline stages have it too
         self.mbs, self.m, self.seq_len = micro_batch_size, num_microbatches, seq_len

@@ -350,6 +350,7 @@ class Trainer:
                 self.layout.config,
                 self.dataset.tokenizer_file,
                 context.topology.pp_group,
+                context.topology.ep_group,
             )
             if self.config.lora.enabled:
                 adapter_dir = save_adapter(
