@@ -126,3 +126,49 @@ def _dispatch_closed_form() -> None:
 
 def test_dispatch_moves_rows_with_variable_splits_and_back():
     run_distributed(2, _dispatch_closed_form)
+
+
+def _step(model, opt, ids, topo) -> None:
+    opt.zero_grad(set_to_none=True)
+    model.loss(ids, torch.roll(ids, -1, 1)).backward()
+    opt.step()
+
+
+def _saved_at_ep2_resumes_at_ep(directory: str) -> None:
+    """Save after one step at ep=2 (ZeRO-1: expert state sharded over edp), resume at ep=1 and ep=4 with
+    plain AdamW: the second step equals two steps in one process (1e-6: fp32 reductions, as above)."""
+    from parallel import checkpoint
+
+    config = MLAConfig(**SMALL, **MOE)
+    ids = torch.randint(0, 96, (4 * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
+    reference = _model(config, None, False)
+    ref_opt = _optimizer(reference, None, None)
+    for _ in range(2):
+        _step(reference, ref_opt, ids, None)
+    with grid(dp=4, ep=2) as topo:
+        model = _model(config, topo, False)
+        opt = _optimizer(model, topo, 1)
+        _step(model, opt, ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS], topo)
+        checkpoint.save(directory, model, opt, topology=topo, step=1)
+    tensors = checkpoint.read_manifest(directory)["tensors"]
+    experts = [name for name in tensors if ".experts." in name]
+    assert len(experts) == 8 * 3 * 3  # of every expert's 3 matrices: master, exp_avg, exp_avg_sq
+    for name in experts:  # each element written once, not once per expert-data-parallel replica
+        pieces = tensors[name]["pieces"]
+        written = sum(p["flat"][1] - p["flat"][0] for p in pieces)
+        assert written == torch.Size(tensors[name]["shape"]).numel(), name
+    for ep in (1, 4):
+        with grid(dp=4, ep=ep) as topo:
+            model = _model(config, topo, False)
+            model.reset_parameters(seed=99)  # the checkpoint, not the init, must set every weight
+            opt = _optimizer(model, topo, None)
+            DataParallel(model, topo.dp_group, expert_group=topo.edp_group)
+            checkpoint.load(directory, model, opt, topology=topo)
+            _step(model, opt, ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS], topo)
+            ref_params = dict(reference.named_parameters())
+            for name, p in model.named_parameters():
+                assert (p - ref_params[name]).abs().max() <= 1e-6 * ref_params[name].abs().max(), (ep, name)
+
+
+def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(tmp_path):
+    run_distributed(4, _saved_at_ep2_resumes_at_ep, directory=str(tmp_path / "step-1"))

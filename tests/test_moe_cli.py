@@ -80,6 +80,13 @@ def test_moe_loss_curve_does_not_depend_on_layout(dp, tp, pp, extra, cache_dir, 
         assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"]
     total = sum(sum(c) for c in expected[0]["moe_tokens_per_expert"].values())
     assert total == 2 * 8 * 32 * 2  # MoE layers x sequences x tokens x experts per token
+    if any(e.startswith("distributed.ep=") for e in extra):  # final/ holds every expert, once gathered
+        final, reference = (
+            load_file(str(d / "final" / "model.safetensors")) for d in (run_dir, moe_reference)
+        )
+        assert final.keys() == reference.keys()
+        for name in (n for n in reference if ".experts." in n):
+            assert torch.allclose(final[name], reference[name], rtol=0, atol=1e-6), name
 
 
 def _hf_moe_folder(path) -> str:

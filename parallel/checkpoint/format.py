@@ -116,6 +116,7 @@ def _layout(topology: Topology, chunks: list[nn.Module], optimizer) -> dict:
         "dp": topology.dp_size,
         "tp": topology.tp_size,
         "pp": topology.pp_size,
+        "ep": topology.ep_size,
         "model_chunks": len(chunks),
         "zero_stage": zero.stage if zero is not None else None,
         "optimizer": type(inner).__name__ if inner is not None else None,
