@@ -20,6 +20,7 @@ from models.transformer import MLATransformer
 from parallel.data import DataParallel, ZeroOptimizer
 from parallel.experts import all_to_all, dispatch, is_expert_parameter
 from parallel.grad_clip import clip_grad_norm_
+from parallel.lowbit.adamw8bit import AdamW8bit
 
 ROWS, SEQ, STEPS = 2, 12, 3
 
@@ -33,8 +34,10 @@ def _model(config, topo, uneven):
     return model
 
 
-def _optimizer(model, topo, zero_stage):
+def _optimizer(model, topo, zero_stage, eightbit=False):
     hyper = dict(lr=1e-4, weight_decay=0.1)
+    if eightbit:  # small blocks, so that these tiny matrices get 8-bit state
+        return AdamW8bit(model.parameters(), block_size=64, min_8bit_size=64, **hyper)
     if zero_stage is None:
         return torch.optim.AdamW(model.parameters(), **hyper)
     return ZeroOptimizer(
@@ -42,10 +45,10 @@ def _optimizer(model, topo, zero_stage):
     )
 
 
-def _train(model, ids, topo, zero_stage=None):
+def _train(model, ids, topo, zero_stage=None, eightbit=False):
     """STEPS AdamW steps with clipping and the router-bias update; (first loss, first grads, norms)."""
-    opt = _optimizer(model, topo, zero_stage)
-    if zero_stage is not None:  # expert state sharded over the expert-data-parallel group, dense over dp
+    opt = _optimizer(model, topo, zero_stage, eightbit)
+    if zero_stage:  # expert state sharded over the expert-data-parallel group, dense over dp
         assert {b.shards for b in opt.buckets} == {topo.edp_size, topo.dp_size}
     if topo is not None and zero_stage is None:
         DataParallel(model, topo.dp_group, expert_group=topo.edp_group)  # hooks reduce in backward
@@ -67,18 +70,18 @@ def _train(model, ids, topo, zero_stage=None):
     return first, norms
 
 
-def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None) -> None:
+def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None, eightbit=False) -> None:
     config = MLAConfig(**SMALL, **MOE)
     ids = torch.randint(0, 96, (dp * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
     reference = _model(config, None, uneven)
-    (ref_loss, ref_grads), ref_norms = _train(reference, ids, None)
+    (ref_loss, ref_grads), ref_norms = _train(reference, ids, None, eightbit=eightbit)
     ref_stats = routing_statistics(reference)["moe_tokens_per_expert"]["model.layers.1.mlp"]
     with grid(dp=dp, ep=ep) as topo:
         model = _model(config, topo, uneven)
         names = [n for n in model.state_dict() if ".experts." in n]
         assert len(names) == 3 * 8 // ep  # this rank holds n_routed_experts / ep experts (3 matrices each)
         rows = ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS]
-        (loss, grads), norms = _train(model, rows, topo, zero_stage)
+        (loss, grads), norms = _train(model, rows, topo, zero_stage, eightbit)
         torch.distributed.all_reduce(loss, group=topo.dp_group)
         assert torch.allclose(loss / dp, ref_loss, rtol=1e-6), (loss / dp, ref_loss)
         if zero_stage is None:  # (ZeRO keeps the reduced gradients in its shards)
@@ -89,8 +92,11 @@ def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None) -> 
         for norm, ref in zip(norms, ref_norms, strict=True):  # each expert counted once
             assert torch.allclose(norm, ref, rtol=1e-6), (norm, ref)
         ref_params = dict(reference.named_parameters())
+        # 8-bit moments: a last-bit gradient difference can pick the neighbouring code of a block, which
+        # moves that element by a fraction of lr = 1e-4 (seen: over 1e-6, under 1e-5 of the largest weight)
+        tolerance = 1e-5 if eightbit else 1e-6
         for name, p in model.named_parameters():
-            assert (p - ref_params[name]).abs().max() <= 1e-6 * ref_params[name].abs().max(), name
+            assert (p - ref_params[name]).abs().max() <= tolerance * ref_params[name].abs().max(), name
         stats = routing_statistics(model, topo.dp_group)["moe_tokens_per_expert"]["model.layers.1.mlp"]
         assert stats == ref_stats
         if uneven:
@@ -101,6 +107,35 @@ def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None) -> 
 @pytest.mark.parametrize("ep", [2, 4])
 def test_expert_parallel_equals_one_process(ep):
     run_distributed(4, _ep_matches_one_process, dp=4, ep=ep, uneven=ep == 4)
+
+
+def test_expert_parallel_with_adamw8bit_equals_one_process():
+    """Without ZeRO the 8-bit blocks are per parameter, so they are the same as in one process."""
+    run_distributed(4, _ep_matches_one_process, dp=4, ep=2, uneven=False, eightbit=True)
+
+
+def _bf16_close_to_fp32() -> None:
+    """bf16 weights (fp32 masters in a stage-0 ZeroOptimizer, as the trainer runs bf16) at ep=2: the
+    loss and updated weights within 2e-2 of fp32 in one process (the bf16 rung)."""
+    config = MLAConfig(**SMALL, **MOE)
+    ids = torch.randint(0, 96, (2 * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
+    reference = _model(config, None, False)
+    (ref_loss, _), _ = _train(reference, ids, None)
+    with grid(dp=2, ep=2) as topo:
+        model = _model(config, topo, False).to(torch.bfloat16)
+        rows = ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS]
+        (loss, _), _ = _train(model, rows, topo, zero_stage=0)
+        torch.distributed.all_reduce(loss, group=topo.dp_group)
+        assert torch.allclose(loss.float() / 2, ref_loss, rtol=2e-2), (loss / 2, ref_loss)
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):  # moved by sign(load differences): bf16 flips some
+                continue
+            assert (p.float() - ref_params[name]).abs().max() <= 2e-2 * ref_params[name].abs().max(), name
+
+
+def test_expert_parallel_in_bf16_is_close_to_fp32():
+    run_distributed(2, _bf16_close_to_fp32)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
