@@ -2,8 +2,8 @@
 group, tokens moved to their experts and back by all-to-all (`dispatch`), and the marking that tells
 gradient reduction, clipping, ZeRO and checkpoints which parameters are expert shards (`params`)."""
 
-from parallel.experts.dispatch import DispatchPlan, all_to_all, combine, dispatch, local_expert_range
 from parallel.experts.params import expert_parameters, is_expert_parameter, mark_expert_module
+from parallel.experts.token_dispatch import DispatchPlan, all_to_all, combine, dispatch, local_expert_range
 
 __all__ = [
     "DispatchPlan",
