@@ -207,3 +207,25 @@ def _saved_at_ep2_resumes_at_ep(directory: str) -> None:
 
 def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4(tmp_path):
     run_distributed(4, _saved_at_ep2_resumes_at_ep, directory=str(tmp_path / "step-1"))
+
+
+def test_unsupported_expert_parallel_combinations_are_named_up_front():
+    from train.config import load_config
+    from train.layout import unsupported
+
+    moe = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MOE.items()]
+    base = [f"model.{k}={v}" for k, v in SMALL.items()] + moe + ["data.seq_len=16", "distributed.dp=4"]
+
+    def problem(*extra: str) -> str | None:
+        config = load_config(None, [*base, *extra])
+        return unsupported(config, MLAConfig(**config.model))
+
+    assert problem("distributed.ep=2") is None
+    assert "n_routed_experts=6 is not divisible by distributed.ep=4" in problem(
+        "distributed.ep=4", "model.n_routed_experts=6", "model.n_group=1", "model.topk_group=1"
+    )
+    assert "zero_stage=3 with distributed.ep=2" in problem("distributed.ep=2", "distributed.zero_stage=3")
+    assert "lora.enabled=true with distributed.ep=2" in problem("distributed.ep=2", "lora.enabled=true")
+    dense = [a for a in base if not a.startswith("model.n_routed_experts")]
+    config = load_config(None, [*dense, "distributed.ep=2"])
+    assert "needs a mixture-of-experts model" in unsupported(config, MLAConfig(**config.model))

@@ -7,7 +7,7 @@ gather happens at save time and each rank writes its 1/N share. AdamW8bit state 
 units: every TP rank its own codes (a ZeRO chunk may mix replicated and sharded parameters).
 
 Expert parallelism: a routed expert's parameters (global names, `experts.{j}`) and their plain optimizer
-state are written by the ranks of expert-data-parallel index 0 (`expert_dp_rank`, dp_rank // ep: one rank
+state are written by the ranks of expert-data-parallel index 0 (dp_rank // ep == 0: one rank
 per expert-parallel rank), so each expert is written once; ZeRO expert buckets, sharded over the
 expert-data-parallel group, by every rank, its own chunk (kept whole at stage 0: index 0 only).
 """
@@ -88,11 +88,11 @@ def collect(
     optimizer: torch.optim.Optimizer | None,
     tp_rank: int,
     dp_rank: int,
-    expert_dp_rank: int | None = None,
+    ep: int = 1,
 ) -> RankState:
     """Everything this rank alone must write (see the module docstring for who writes what)."""
     out, names = RankState(tp_rank), named_parameters(chunks)
-    expert_dp_rank = dp_rank if expert_dp_rank is None else expert_dp_rank
+    expert_dp_rank = dp_rank // ep  # dp_rank = edp_rank * ep + ep_rank
 
     def writes(p: torch.Tensor) -> bool:  # the one data-parallel replica that writes p
         return (expert_dp_rank if is_expert_parameter(p) else dp_rank) == 0

@@ -227,9 +227,7 @@ def prepare_save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(topology)
-    written = collect(
-        chunks, optimizer, topology.tp_rank, topology.dp_rank, topology.dp_rank // topology.ep_size
-    )
+    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank, topology.ep_size)
     rng_tensors, rng_meta = _rng_state(topology.device)
     record = {
         "rank": rank,
