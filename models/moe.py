@@ -21,6 +21,11 @@ expert runs one matmul chain on its contiguous block, then the weighted outputs 
 tokens (index_add). The function takes "the experts held here and the first one's global index", so an
 expert-parallel layer can give each rank a slice of the experts and the tokens routed to them.
 
+Expert parallelism (`ep_group` of P ranks): the layer holds only its E/P experts, keyed by global index
+(`experts.{j}`, so names, initialisation, checkpoints and export are those of ep = 1); each rank routes
+its own tokens, sends every (token, expert) row to the expert's owner and gets the outputs back by
+all-to-all (parallel/experts/token_dispatch.py), then weighs and adds them as above.
+
 Tensor parallelism: each expert (and the shared MLP) is split like the dense MLP (gate/up by columns,
 down by rows, one all-reduce per expert); the router is replicated and reads the input before
 `copy_to_group`, so its (complete, identical) contribution to the input gradient is not summed twice.

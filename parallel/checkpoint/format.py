@@ -116,7 +116,7 @@ def _layout(topology: Topology, chunks: list[nn.Module], optimizer) -> dict:
         "dp": topology.dp_size,
         "tp": topology.tp_size,
         "pp": topology.pp_size,
-        "ep": topology.ep_size,
+        **({"ep": topology.ep_size} if topology.ep_size > 1 else {}),  # (ep=1 checkpoints as before)
         "model_chunks": len(chunks),
         "zero_stage": zero.stage if zero is not None else None,
         "optimizer": type(inner).__name__ if inner is not None else None,
