@@ -12,6 +12,7 @@ that stays under the 1e-6 of the comparison while each step still moves every pa
 import pytest
 import torch
 from dist_harness import grid, run_distributed
+from safetensors.torch import load_file
 from test_moe import MOE, SMALL
 
 from models.config import MLAConfig
@@ -21,13 +22,16 @@ from parallel.data import DataParallel, ZeroOptimizer
 from parallel.experts import all_to_all, dispatch, is_expert_parameter
 from parallel.grad_clip import clip_grad_norm_
 from parallel.lowbit.adamw8bit import AdamW8bit
+from parallel.lowbit.lora import apply_lora, save_adapter
 
 ROWS, SEQ, STEPS = 2, 12, 3
 
 
-def _model(config, topo, uneven):
+def _model(config, topo, uneven, lora=False):
     model = MLATransformer(config, topo)
     model.reset_parameters(seed=7)
+    if lora:  # QLoRA on the routed experts (NF4 bases) and on o_proj
+        apply_lora(model, ["experts.*.gate_proj", "experts.*.down_proj", "o_proj"], 4, 8, 0.0, "nf4", seed=3)
     if uneven:  # experts 0-2 are never chosen (noaux_tc chooses by score + bias): they get no tokens
         with torch.no_grad():
             model.model.layers["1"].mlp.gate.e_score_correction_bias[:3] = -100.0
@@ -70,16 +74,17 @@ def _train(model, ids, topo, zero_stage=None, eightbit=False):
     return first, norms
 
 
-def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None, eightbit=False) -> None:
+def _ep_matches_one_process(
+    dp: int, ep: int, uneven: bool, zero_stage=None, eightbit=False, adapters: str | None = None
+) -> None:
     config = MLAConfig(**SMALL, **MOE)
     ids = torch.randint(0, 96, (dp * ROWS, SEQ), generator=torch.Generator().manual_seed(2))
-    reference = _model(config, None, uneven)
+    reference = _model(config, None, uneven, lora=adapters is not None)
     (ref_loss, ref_grads), ref_norms = _train(reference, ids, None, eightbit=eightbit)
     ref_stats = routing_statistics(reference)["moe_tokens_per_expert"]["model.layers.1.mlp"]
     with grid(dp=dp, ep=ep) as topo:
-        model = _model(config, topo, uneven)
-        names = [n for n in model.state_dict() if ".experts." in n]
-        assert len(names) == 3 * 8 // ep  # this rank holds n_routed_experts / ep experts (3 matrices each)
+        model = _model(config, topo, uneven, lora=adapters is not None)
+        assert len(model.model.layers["1"].mlp.experts) == 8 // ep  # n_routed_experts / ep held here
         rows = ids[topo.dp_rank * ROWS : (topo.dp_rank + 1) * ROWS]
         (loss, grads), norms = _train(model, rows, topo, zero_stage, eightbit)
         torch.distributed.all_reduce(loss, group=topo.dp_group)
@@ -102,6 +107,14 @@ def _ep_matches_one_process(dp: int, ep: int, uneven: bool, zero_stage=None, eig
         if uneven:
             assert stats[:3] == [0, 0, 0]
         assert all(is_expert_parameter(p) for n, p in model.named_parameters() if ".experts." in n)
+        if adapters is not None:  # the PEFT file holds every expert's adapters, as one process writes it
+            save_adapter(model, f"{adapters}/ep", None, None, topo.ep_group)
+            save_adapter(reference, f"{adapters}/one")
+            if topo.rank == 0:
+                ours, theirs = (load_file(f"{adapters}/{d}/adapter_model.safetensors") for d in ("ep", "one"))
+                assert ours.keys() == theirs.keys() and any(".experts.7." in k for k in ours)
+                for key, t in theirs.items():
+                    assert (ours[key] - t).abs().max() <= 1e-6 * t.abs().max(), key
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -112,6 +125,10 @@ def test_expert_parallel_equals_one_process(ep):
 def test_expert_parallel_with_adamw8bit_equals_one_process():
     """Without ZeRO the 8-bit blocks are per parameter, so they are the same as in one process."""
     run_distributed(4, _ep_matches_one_process, dp=4, ep=2, uneven=False, eightbit=True)
+
+
+def test_expert_parallel_with_qlora_on_experts_equals_one_process(tmp_path):
+    run_distributed(2, _ep_matches_one_process, dp=2, ep=2, uneven=False, adapters=str(tmp_path))
 
 
 def _bf16_close_to_fp32() -> None:
@@ -225,7 +242,7 @@ def test_unsupported_expert_parallel_combinations_are_named_up_front():
         "distributed.ep=4", "model.n_routed_experts=6", "model.n_group=1", "model.topk_group=1"
     )
     assert "zero_stage=3 with distributed.ep=2" in problem("distributed.ep=2", "distributed.zero_stage=3")
-    assert "lora.enabled=true with distributed.ep=2" in problem("distributed.ep=2", "lora.enabled=true")
+    assert problem("distributed.ep=2", "lora.enabled=true", "lora.quantize_base=nf4") is None
     dense = [a for a in base if not a.startswith("model.n_routed_experts")]
     config = load_config(None, [*dense, "distributed.ep=2"])
     assert "needs a mixture-of-experts model" in unsupported(config, MLAConfig(**config.model))

@@ -84,11 +84,6 @@ def _expert_parallel_problem(config: Config, mcfg: MLAConfig) -> str | None:
         )
     if dc.zero_stage == 3:
         return f"distributed.zero_stage=3 with distributed.ep={dc.ep} is not supported: use zero_stage 0-2"
-    if config.lora.enabled:
-        return (
-            f"lora.enabled=true with distributed.ep={dc.ep} is not supported yet: the adapter files would "
-            "hold only one rank's experts; use ep=1"
-        )
     return None
 
 

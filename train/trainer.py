@@ -358,6 +358,7 @@ class Trainer:
                     out_dir / "adapter",
                     context.topology.pp_group,
                     self.config.model.get("pretrained"),
+                    context.topology.ep_group,
                 )
         context.log(f"saved final weights to {final_dir}")
         if self.config.lora.enabled:

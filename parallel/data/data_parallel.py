@@ -32,7 +32,7 @@ from torch import nn
 
 from parallel.collectives import group_size
 from parallel.data.buckets import Bucket, BucketPlan, GradientBuckets, plan_buckets
-from parallel.experts import expert_parameters
+from parallel.experts import expert_parameters, is_expert_module
 
 
 class _FlatGradBucket(Bucket):
@@ -86,12 +86,12 @@ class DataParallel(GradientBuckets, nn.Module):
     @torch.no_grad()
     def _broadcast_parameters(self, experts: set[nn.Parameter]) -> None:
         """Start every dp rank from rank 0's weights (they should already agree; this makes it certain);
-        expert shards from rank 0 of the expert-data-parallel group."""
-        for group, tensors in (
-            (self.group, [t for t in self.module.parameters() if t not in experts]),
-            (self.expert_group, [t for t in self.module.parameters() if t in experts]),
-            (self.group, list(self.module.buffers())),
-        ):
+        expert shards (and their buffers: NF4 codes) from rank 0 of the expert-data-parallel group."""
+        shards = [p for p in self.module.parameters() if p in experts]  # module order: the same on all ranks
+        shards += [b for m in self.module.modules() if is_expert_module(m) for b in m.buffers()]
+        mine = {id(t) for t in shards}
+        dense = [t for t in [*self.module.parameters(), *self.module.buffers()] if id(t) not in mine]
+        for group, tensors in ((self.group, dense), (self.expert_group, shards)):
             if tensors and group_size(group) > 1:
                 src = dist.get_global_rank(group, 0)
                 for tensor in tensors:

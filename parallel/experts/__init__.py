@@ -2,7 +2,12 @@
 group, tokens moved to their experts and back by all-to-all (`dispatch`), and the marking that tells
 gradient reduction, clipping, ZeRO and checkpoints which parameters are expert shards (`params`)."""
 
-from parallel.experts.params import expert_parameters, is_expert_parameter, mark_expert_module
+from parallel.experts.params import (
+    expert_parameters,
+    is_expert_module,
+    is_expert_parameter,
+    mark_expert_module,
+)
 from parallel.experts.token_dispatch import DispatchPlan, all_to_all, combine, dispatch, local_expert_range
 
 __all__ = [
@@ -11,6 +16,7 @@ __all__ = [
     "combine",
     "dispatch",
     "expert_parameters",
+    "is_expert_module",
     "is_expert_parameter",
     "local_expert_range",
     "mark_expert_module",

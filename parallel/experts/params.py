@@ -33,5 +33,9 @@ def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
     return found
 
 
+def is_expert_module(module: nn.Module) -> bool:
+    return getattr(module, "expert_parallel", False)
+
+
 def is_expert_parameter(param: torch.Tensor) -> bool:
     return getattr(param, "expert_parallel", False)
