@@ -185,6 +185,7 @@ def test_model_state_estimate_equals_live_bytes_on_two_ranks():
         (["train.precision=bf16", "distributed.zero_stage=1", *QLORA], (1, 2, 1)),
         (["train.precision=bf16"], (1, 1, 2)),  # two pipeline stages: each rank its own estimate
         ([*MOE, "distributed.ep=2", "distributed.zero_stage=1"], (2, 1, 1)),  # half the experts per rank
+        ([*MOE, "distributed.ep=2", "distributed.zero_stage=3", "train.precision=bf16"], (2, 1, 1)),
     ]
     per_rank = run_distributed(2, _measure_layouts, layouts)
     for rank, results in enumerate(per_rank):

@@ -82,8 +82,6 @@ def _expert_parallel_problem(config: Config, mcfg: MLAConfig) -> str | None:
             f"model.n_routed_experts={mcfg.n_routed_experts} is not divisible by distributed.ep={dc.ep}: "
             "experts are split evenly over the expert-parallel ranks"
         )
-    if dc.zero_stage == 3:
-        return f"distributed.zero_stage=3 with distributed.ep={dc.ep} is not supported: use zero_stage 0-2"
     return None
 
 

@@ -30,6 +30,11 @@ tile the buckets (they may span two parameters, and every parameter gets 8-bit s
 dp size, so for the same buckets stage 1-3 at any dp equals stage 0. For such an optimizer TP-sharded
 and replicated parameters never share a bucket, so replicated ones get identical blocks on every TP
 rank. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
+
+Expert parallelism (`expert_group`: the expert-data-parallel group): the routed experts' parameters
+(`is_expert_parameter`) get buckets of their own, sharded over that group instead of dp, their gradients
+still divided by the dp size N (parallel/data/data_parallel.py derives it); their norm is summed over
+edp, then over the expert-parallel group passed to `grad_norm`.
 """
 
 from __future__ import annotations
@@ -111,8 +116,6 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
     ) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"distributed.zero_stage={stage!r}: expected 0, 1, 2 or 3")
-        if stage == 3 and expert_group is not None:
-            raise ValueError("ZeRO stage 3 with expert parallelism (ep > 1) is not supported: use stage 0-2")
         if stage == 3 and not units:
             raise ValueError("ZeRO stage 3 needs `units`: the modules whose parameters are gathered together")
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
