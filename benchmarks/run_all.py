@@ -358,6 +358,22 @@ def moe(r: dict) -> list[dict]:
     ]
 
 
+def expert_parallel(r: dict) -> list[dict]:
+    """All-to-all bytes over the derived minimum (goal: exactly 1), ep=2 / ep=1 MoE layer step time on
+    gloo (no goal: two CPU ranks), expert weights + AdamW state per rank at ep=2 over ep=1 (goal: 1/2)."""
+    return [
+        headline(
+            "EP all-to-all bytes / derived minimum", num(r, "bytes_over_minimum"), within(1.0, 0.0, "= 1")
+        ),
+        headline("EP ep=2 / ep=1 MoE layer step time (gloo)", num(r, "ep2_over_ep1")),
+        headline(
+            "EP expert weights + state per rank, ep=2 / ep=1",
+            num(r, "memory_ep2_over_ep1"),
+            within(0.5, 1e-9, "= 1/2"),
+        ),
+    ]
+
+
 def async_save(r: dict) -> list[dict]:
     """Training time lost to a checkpoint save, asynchronous over synchronous."""
     return [
@@ -380,6 +396,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_qlora": qlora,
     "bench_generate": generate,
     "bench_moe": moe,
+    "bench_expert_parallel": expert_parallel,
     "bench_async_save": async_save,
 }
 

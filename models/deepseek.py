@@ -196,22 +196,26 @@ def _local_state(model: MLATransformer) -> dict[str, torch.Tensor]:
 
 
 def full_state(
-    model: nn.Module | Sequence[nn.Module], pp_group: dist.ProcessGroup | None = None
+    model: nn.Module | Sequence[nn.Module],
+    pp_group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every weight in full (TP-gathered; all pipeline stages when `pp_group` is given), under Hugging
-    Face names, on the CPU of every rank. `model` is a model or this rank's pipeline chunks.
+    """Every weight in full (TP-gathered; every routed expert when `ep_group` is given; all pipeline
+    stages when `pp_group` is given), under Hugging Face names, on the CPU of every rank. `model` is a
+    model or this rank's pipeline chunks.
 
     LoRA-wrapped linears contribute their merged weight W + (alpha/r) B A (decoded first when the base is
     NF4), so the result is the plain model that computes what this one computes. Collective over the TP
-    (and pipeline) group.
+    (expert- and pipeline-parallel) group.
     """
     state: dict[str, torch.Tensor] = {}
     for chunk in ModelParts.of(model).chunks:
         state.update(_local_state(chunk))
-    if group_size(pp_group) > 1:
-        parts: list[dict[str, torch.Tensor] | None] = [None] * group_size(pp_group)
-        dist.all_gather_object(parts, state, group=pp_group)
-        state = {name: t for part in parts for name, t in part.items()}
+    for group in (ep_group, pp_group):  # experts are global names: the ep ranks' sets are disjoint
+        if group_size(group) > 1:
+            parts: list[dict[str, torch.Tensor] | None] = [None] * group_size(group)
+            dist.all_gather_object(parts, state, group=group)
+            state = {name: t for part in parts for name, t in part.items()}
     return {name: state[name] for name in sorted(state)}
 
 
@@ -235,6 +239,7 @@ def save_pretrained(
     pp_group: dist.ProcessGroup | None = None,
     dtype: torch.dtype = torch.float32,
     token_ids: dict[str, int | None] | None = None,
+    ep_group: dist.ProcessGroup | None = None,
 ) -> Path:
     """Write `config.json`, `generation_config.json` and `model.safetensors` (full tensors in `dtype`)
     that transformers loads.
@@ -245,7 +250,7 @@ def save_pretrained(
     `full_state`); save the adapters alone with `parallel.lowbit.lora.save_adapter`.
     """
     path = Path(path)
-    state = full_state(model, pp_group)
+    state = full_state(model, pp_group, ep_group)
     if not dist.is_initialized() or dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.to(dtype).contiguous() for name, t in state.items()}

@@ -21,6 +21,11 @@ expert runs one matmul chain on its contiguous block, then the weighted outputs 
 tokens (index_add). The function takes "the experts held here and the first one's global index", so an
 expert-parallel layer can give each rank a slice of the experts and the tokens routed to them.
 
+Expert parallelism (`ep_group` of P ranks): the layer holds only its E/P experts, keyed by global index
+(`experts.{j}`, so names, initialisation, checkpoints and export are those of ep = 1); each rank routes
+its own tokens, sends every (token, expert) row to the expert's owner and gets the outputs back by
+all-to-all (parallel/experts/token_dispatch.py), then weighs and adds them as above.
+
 Tensor parallelism: each expert (and the shared MLP) is split like the dense MLP (gate/up by columns,
 down by rows, one all-reduce per expert); the router is replicated and reads the input before
 `copy_to_group`, so its (complete, identical) contribution to the input gradient is not summed twice.
@@ -45,6 +50,7 @@ from torch import nn
 from models.config import MLAConfig
 from models.mlp import MLP
 from parallel.collectives import copy_to_group, group_size
+from parallel.experts import combine, dispatch, local_expert_range, mark_expert_module
 
 
 @dataclass
@@ -140,12 +146,16 @@ class MoE(nn.Module):
     `update_router_bias` (each step).
     """
 
-    def __init__(self, config: MLAConfig, group=None) -> None:
+    def __init__(self, config: MLAConfig, group=None, ep_group=None) -> None:
         super().__init__()
-        self.config, self.group = config, group
+        self.config, self.group, self.ep_group = config, group, ep_group
         width = config.moe_intermediate_size
         self.gate = Router(config)
-        self.experts = nn.ModuleList(MLP(config, group, width) for _ in range(config.n_routed_experts))
+        self.expert_range = local_expert_range(config.n_routed_experts, ep_group)
+        # Keyed by global index, so names, initialisation, checkpoints and export do not depend on ep.
+        self.experts = nn.ModuleDict({str(j): MLP(config, group, width) for j in self.expert_range})
+        for expert in self.experts.values():
+            mark_expert_module(expert)
         shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config, group, width * shared) if shared else None
         self.aux_loss: torch.Tensor | None = None
@@ -158,8 +168,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.gate(flat)
-        y = run_experts(self.experts, copy_to_group(flat, self.group), routing.indices, routing.weights)
-        y = y.view(shape)
+        y = self._routed(copy_to_group(flat, self.group), routing).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         alpha = self.config.aux_loss_alpha
@@ -170,6 +179,19 @@ class MoE(nn.Module):
         if self.training and torch._C._current_graph_task_id() == -1:
             self._count(routing)
         return y
+
+    def _routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed experts' weighted sum: here, or (ep > 1) on the ranks owning the experts."""
+        experts = list(self.experts.values())
+        if group_size(self.ep_group) == 1:
+            return run_experts(experts, x, routing.indices, routing.weights)
+        rows, plan = dispatch(x, routing.indices, self.config.n_routed_experts, self.ep_group)
+        blocks = torch.split(rows, plan.counts)
+        out = torch.cat([expert.compute(b) for expert, b in zip(experts, blocks, strict=True)])
+        out = combine(out, plan, self.ep_group)
+        out = out * routing.weights.reshape(-1)[plan.order].unsqueeze(1)
+        tokens = plan.order // routing.indices.shape[1]
+        return torch.zeros_like(x).index_add(0, tokens, out.to(x.dtype))
 
     @torch.no_grad()
     def _count(self, routing: Routing) -> None:

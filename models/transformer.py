@@ -72,12 +72,12 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: MLAConfig, group=None, index: int = 0) -> None:
+    def __init__(self, config: MLAConfig, group=None, index: int = 0, ep_group=None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MultiHeadLatentAttention(config, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config, group) if config.is_moe_layer(index) else MLP(config, group)
+        self.mlp = MoE(config, group, ep_group) if config.is_moe_layer(index) else MLP(config, group)
         self.dropout = nn.Dropout(config.dropout)
         self.group = group
         self.sequence_parallel = False  # x arrives split along the sequence (see the module docstring)
@@ -149,14 +149,17 @@ def split_layers(num_layers: int, num_stages: int, sizes: list[int] | None = Non
 class MLABackbone(nn.Module):
     """Embedding (first stage), decoder layers keyed by their global index, final norm (last stage)."""
 
-    def __init__(self, config: MLAConfig, group=None, stage: StageSpec | None = None) -> None:
+    def __init__(self, config: MLAConfig, group=None, stage: StageSpec | None = None, ep_group=None) -> None:
         super().__init__()
         stage = stage or StageSpec(0, config.num_layers)
         self.stage = stage
         if stage.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(config, group, i) for i in range(stage.layer_start, stage.layer_end)}
+            {
+                str(i): DecoderLayer(config, group, i, ep_group)
+                for i in range(stage.layer_start, stage.layer_end)
+            }
         )
         if stage.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -210,7 +213,8 @@ class MLATransformer(nn.Module):
         self.stage = stage or StageSpec(0, config.num_layers)
         if config.tie_embeddings and not (self.stage.is_first and self.stage.is_last):
             raise ValueError("model.tie_embeddings=true is not supported with pipeline parallelism (pp > 1)")
-        self.model = MLABackbone(config, self.group, self.stage)
+        ep_group = topology.ep_group if topology is not None else None
+        self.model = MLABackbone(config, self.group, self.stage, ep_group)
         self.lm_head = None
         if self.stage.is_last and not config.tie_embeddings:
             self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, group=self.group)

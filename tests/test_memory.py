@@ -93,7 +93,8 @@ def _measure(overrides: list[str], dims: tuple[int, int, int]) -> tuple[int, int
     config = replace(config, distributed=replace(config.distributed, dp=dp, tp=tp))
     mcfg = MLAConfig(**config.model)
     _warm_caches()
-    with grid(dp=dp, tp=tp, pp=pp) if dp * tp * pp > 1 else _single() as topo:
+    ep = config.distributed.ep
+    with grid(dp=dp, tp=tp, pp=pp, ep=ep) if dp * tp * pp > 1 else _single() as topo:
         before = _storages()
         parts = build_model(config, mcfg, topo)
         optimizer = build_optimizer(parts, config, topo)
@@ -183,6 +184,8 @@ def test_model_state_estimate_equals_live_bytes_on_two_ranks():
         (["distributed.sequence_parallel=true"], (1, 2, 1)),
         (["train.precision=bf16", "distributed.zero_stage=1", *QLORA], (1, 2, 1)),
         (["train.precision=bf16"], (1, 1, 2)),  # two pipeline stages: each rank its own estimate
+        ([*MOE, "distributed.ep=2", "distributed.zero_stage=1"], (2, 1, 1)),  # half the experts per rank
+        ([*MOE, "distributed.ep=2", "distributed.zero_stage=3", "train.precision=bf16"], (2, 1, 1)),
     ]
     per_rank = run_distributed(2, _measure_layouts, layouts)
     for rank, results in enumerate(per_rank):

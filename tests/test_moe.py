@@ -68,15 +68,16 @@ def test_grouped_experts_equal_a_per_token_loop_and_shard_by_expert_range():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(20, 32)
     routing = layer.gate(x)
-    grouped = run_experts(layer.experts, x, routing.indices, routing.weights)
+    experts = list(layer.experts.values())  # keyed by global index (str)
+    grouped = run_experts(experts, x, routing.indices, routing.weights)
     loop = torch.zeros_like(x)
     for t in range(20):
         for j, w in zip(routing.indices[t].tolist(), routing.weights[t], strict=True):
-            loop[t] += w * layer.experts[j].compute(x[t : t + 1])[0]
+            loop[t] += w * layer.experts[str(j)].compute(x[t : t + 1])[0]
     assert torch.allclose(grouped, loop, rtol=1e-5, atol=1e-6)
     # an expert-parallel rank holding experts [4, 8) computes exactly their share
-    halves = run_experts(layer.experts[:4], x, routing.indices, routing.weights) + run_experts(
-        layer.experts[4:], x, routing.indices, routing.weights, first_expert=4
+    halves = run_experts(experts[:4], x, routing.indices, routing.weights) + run_experts(
+        experts[4:], x, routing.indices, routing.weights, first_expert=4
     )
     assert torch.allclose(halves, grouped, rtol=1e-5, atol=1e-6)
 

@@ -55,6 +55,10 @@ LAYOUTS = [  # (dp, tp, pp, extra overrides)
     (2, 2, 1, ["distributed.zero_stage=1"]),
     (1, 2, 2, ["distributed.pp_schedule=1f1b", "train.micro_batch_size=2", "distributed.zero_stage=2"]),
     (2, 1, 1, ["distributed.zero_stage=3", "distributed.recompute=full", "train.micro_batch_size=2"]),
+    # expert parallelism (experts split over ep of the dp ranks): x tp with recompute, x pp, x ZeRO-2
+    (2, 2, 1, ["distributed.ep=2", "distributed.recompute=full"]),
+    (2, 1, 2, ["distributed.ep=2", "distributed.pp_schedule=1f1b", "train.micro_batch_size=2"]),
+    (4, 1, 1, ["distributed.ep=2", "distributed.zero_stage=2", "train.micro_batch_size=1"]),
 ]
 
 
@@ -76,6 +80,13 @@ def test_moe_loss_curve_does_not_depend_on_layout(dp, tp, pp, extra, cache_dir, 
         assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"]
     total = sum(sum(c) for c in expected[0]["moe_tokens_per_expert"].values())
     assert total == 2 * 8 * 32 * 2  # MoE layers x sequences x tokens x experts per token
+    if any(e.startswith("distributed.ep=") for e in extra):  # final/ holds every expert, once gathered
+        final, reference = (
+            load_file(str(d / "final" / "model.safetensors")) for d in (run_dir, moe_reference)
+        )
+        assert final.keys() == reference.keys()
+        for name in (n for n in reference if ".experts." in n):
+            assert torch.allclose(final[name], reference[name], rtol=0, atol=1e-6), name
 
 
 def _hf_moe_folder(path) -> str:

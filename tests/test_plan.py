@@ -2,6 +2,7 @@
 cannot be met. The layouts' bytes are the estimator's (tested against live tensors in test_memory.py)."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,34 @@ def test_a_smaller_memory_override_can_make_it_impossible(capsys):
 def test_unknown_gpu_lists_the_known_ones(capsys):
     assert main(["--config", str(CONFIGS / "mla-7b.yaml"), "--gpus", "2", "--gpu", "a6000"]) == 2
     assert "unknown GPU; known: v100, v100s, t4" in capsys.readouterr().err
+
+
+def test_expert_parallelism_is_searched_and_divides_the_expert_state_per_gpu():
+    """An MoE model on 4 GPUs: ep in {1, 2, 4} is searched; at dp=4, ZeRO-0, ep=4 holds a quarter of the
+    routed experts, so parameters, gradients and optimizer state shrink by 3/4 of the experts' share."""
+    from train.config import load_config
+    from train.layout import model_config
+    from train.memory import estimate_memory
+    from train.plan import layouts
+
+    moe = [
+        "n_routed_experts=8",
+        "num_experts_per_tok=2",
+        "moe_intermediate_size=256",
+        "first_k_dense_replace=0",
+    ]
+    config = load_config(CONFIGS / "small.yaml", [f"model.{m}" for m in moe] + ["train.global_batch_size=8"])
+    mcfg = model_config(config, config.data.vocab_size)
+    found = layouts(config, mcfg, 4, gpu_preset("a5000"))
+    assert {c.distributed.ep for c in found if c.distributed.dp == 4} == {1, 2, 4}
+    assert all(c.distributed.dp % c.distributed.ep == 0 for c in found)
+    pick = next(c for c in found if c.distributed.dp == 4 and c.distributed.zero_stage == 0)
+    by_ep = {
+        ep: estimate_memory(replace(pick, distributed=replace(pick.distributed, ep=ep)), mcfg).device
+        for ep in (1, 4)
+    }
+    experts = 3 * mcfg.hidden_size * mcfg.moe_intermediate_size * 8 * mcfg.num_layers  # routed elements
+    w = 2 if pick.train.precision in ("bf16", "fp16") else 4
+    saved = experts * 3 // 4
+    assert by_ep[1]["parameters"] - by_ep[4]["parameters"] == w * saved
+    assert by_ep[1]["optimizer state"] - by_ep[4]["optimizer state"] == pytest.approx(8 * saved, rel=1e-3)

@@ -133,6 +133,7 @@ SYNTHETIC = {
         "speed": {"new_tokens": 64, "modes": {"latent cache": {"speedup_vs_no_cache": 3.0}}},
     },
     "bench_moe": {"cases": [{"case": "8 experts, k 2", "moe_over_dense": 1.5}]},
+    "bench_expert_parallel": {"bytes_over_minimum": 1.0, "ep2_over_ep1": 1.3, "memory_ep2_over_ep1": 0.5},
 }
 
 
@@ -147,6 +148,11 @@ def test_headlines_from_synthetic_json():
     assert dp == [
         {"label": "ours / DDP step time, 25 MB buckets", "value": 0.98, "goal": "<= 1", "met": "yes"}
     ]
+
+    ep = {r["label"]: r for r in rows["bench_expert_parallel"]}
+    assert ep["EP all-to-all bytes / derived minimum"]["met"] == "yes"
+    assert ep["EP expert weights + state per rank, ep=2 / ep=1"]["met"] == "yes"
+    assert ep["EP ep=2 / ep=1 MoE layer step time (gloo)"]["value"] == 1.3
 
     tp = values(rows["bench_tensor_parallel"])  # only the largest shape
     assert tp == {

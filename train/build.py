@@ -15,6 +15,7 @@ from models.deepseek import load_pretrained
 from models.transformer import MLATransformer
 from parallel.data import ZeroOptimizer
 from parallel.data.zero3 import default_units
+from parallel.experts import expert_parameters
 from parallel.lowbit.adamw8bit import AdamW8bit
 from parallel.lowbit.lora import apply_lora
 from parallel.pipeline import ModelParts
@@ -42,6 +43,7 @@ def _build_chunk(config: Config, mcfg: MLAConfig, topology: Topology, spec) -> M
             seed=config.train.seed,
             require_match=False,
         )
+    expert_parameters(chunk)  # marks the routed experts' parameters, LoRA adapters included
     if config.train.precision in ("bf16", "fp16"):  # 16-bit weights; fp32 masters in ZeroOptimizer
         chunk = chunk.to(torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
     chunk = chunk.to(topology.device)  # after the cast: the fp32 model never occupies the GPU
@@ -65,7 +67,8 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> ModelPar
 
 def build_optimizer(parts: ModelParts, config: Config, topology: Topology) -> torch.optim.Optimizer:
     """AdamW (`optim.name: adamw`) or 8-bit AdamW (`adamw8bit`), weight decay on matrices only (not on
-    norms and biases); wrapped in a ZeroOptimizer over the dp group when `uses_zero(config)`."""
+    norms and biases); wrapped in a ZeroOptimizer over the dp group when `uses_zero(config)` (expert
+    parameters' state over the expert-data-parallel group when ep > 1)."""
     parts = ModelParts.of(parts)
     params = [p for p in parts.parameters() if p.requires_grad]
     groups = [
@@ -92,6 +95,7 @@ def build_optimizer(parts: ModelParts, config: Config, topology: Topology) -> to
         dc.offload_optimizer,
         dc.bucket_cap_mb,
         units,
+        topology.edp_group if topology.ep_size > 1 else None,  # expert state over edp
         **hyper,
     )
 

@@ -77,6 +77,7 @@ def write_hf_folder(
     config: Config,
     tokenizer_file: str | Path | None,
     pp_group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
 ) -> Path:
     """Write the folder described in the module docstring. Collective over every rank (weights are
     gathered); global rank 0 writes. `config` is the run's resolved config."""
@@ -88,7 +89,7 @@ def write_hf_folder(
         if special.bos_id is not None:
             ids["bos_token_id"] = special.bos_id
     dtype = export_dtype(config)
-    save_pretrained(parts.chunks, folder, pp_group, dtype=dtype, token_ids=ids)
+    save_pretrained(parts.chunks, folder, pp_group, dtype=dtype, token_ids=ids, ep_group=ep_group)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if tokenizer_file is not None:
             _write_tokenizer(folder, config, Path(tokenizer_file), special)

@@ -74,13 +74,26 @@ def check_tokens(mcfg: MLAConfig, dataset: Dataset) -> None:
         )
 
 
+def _expert_parallel_problem(config: Config, mcfg: MLAConfig) -> str | None:
+    """Why expert parallelism (ep > 1) cannot run this config, or None (docs/moe.md: what composes)."""
+    dc = config.distributed
+    if mcfg.n_routed_experts % dc.ep:
+        return (
+            f"model.n_routed_experts={mcfg.n_routed_experts} is not divisible by distributed.ep={dc.ep}: "
+            "experts are split evenly over the expert-parallel ranks"
+        )
+    return None
+
+
 def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
     """Why `config` (with its layout) cannot run the model `mcfg`, in one line naming the keys; or None."""
     dc = config.distributed
     if dc.ep > 1 and not mcfg.is_moe:
         return f"distributed.ep={dc.ep} needs a mixture-of-experts model (model.n_routed_experts > 0)"
     if dc.ep > 1:
-        return f"distributed.ep={dc.ep}: expert parallelism is not implemented yet (use ep=1)"
+        problem = _expert_parallel_problem(config, mcfg)
+        if problem:
+            return problem
     if dc.cp > 1:
         return f"distributed.cp={dc.cp}: context parallelism is not implemented yet (use cp=1)"
     if dc.zero_stage == 3 and dc.pp > 1 and dc.pp_schedule == "zb1p":

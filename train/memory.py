@@ -28,9 +28,12 @@ it: 4 bytes per parameter at start (`host_at_start`).
 Activations (the bytes kept for backward, the backward working set, logits and loss) are estimated in
 train/activations.py and added per rank.
 
-Mixture of experts: every routed expert's weights are held (and trained) by every TP rank, split like
-the dense MLP; the router is replicated; V3's correction bias is a frozen parameter. Activations count
-the chosen experts only (train/activations.py).
+Mixture of experts: the routed experts' weights are split like the dense MLP over tp; with expert
+parallelism (`distributed.ep`) each rank holds only E / ep of them, and ZeroOptimizer shards their
+gradients, master weights and optimizer state over the dp / ep ranks holding the same experts (so their
+state per rank is 1/ep of the replicated figure at ZeRO 0, and the same 1/dp at stage >= 1: dp/ep shards
+of an ep-th of the experts); the router is replicated; V3's correction bias is a frozen parameter.
+Activations count the chosen experts only (train/activations.py), balanced routing assumed under ep.
 
 Margin, stated: 10% of the estimate for the caching allocator's fragmentation, plus 1 GiB for the CUDA
 context, NCCL and cuBLAS workspaces (outside torch's allocator). `fits` compares estimate + margin with
@@ -78,6 +81,7 @@ class TensorSpec:
     matrix: bool  # dim >= 2: the weight-decay parameter group
     unit: int  # ZeRO-3 gather unit within its chunk
     nf4_bytes: int | None = None  # frozen NF4 base: bytes of its codes and scales
+    expert: bool = False  # a routed expert's (sharded over ep; ZeRO state over the dp / ep replicas)
 
 
 def nf4_bytes(numel: int) -> int:
@@ -124,9 +128,9 @@ def _swiglu(prefix: str, width: int, h: int, tp: int, unit: int, lora) -> list[T
     return out + _linear(prefix + "down_proj", h, width, "row", tp, unit, lora)
 
 
-def _mlp_tensors(c: MLAConfig, i: int, tp: int, unit: int, lora) -> list[TensorSpec]:
+def _mlp_tensors(c: MLAConfig, i: int, tp: int, unit: int, lora, ep: int = 1) -> list[TensorSpec]:
     """Layer i's MLP: dense, or the replicated router (+ V3's frozen correction bias), the shared
-    experts and every routed expert (all held, whatever the routing)."""
+    experts and this rank's E / ep routed experts (all held, whatever the routing)."""
     p = f"model.layers.{i}.mlp."
     if not c.is_moe_layer(i):
         return _swiglu(p, c.intermediate_size, c.hidden_size, tp, unit, lora)
@@ -135,15 +139,16 @@ def _mlp_tensors(c: MLAConfig, i: int, tp: int, unit: int, lora) -> list[TensorS
     if c.topk_method == "noaux_tc":
         bias = TensorSpec(p + "gate.e_score_correction_bias", c.n_routed_experts, False, False, False, unit)
         out.append(bias)
-    for j in range(c.n_routed_experts):
-        out += _swiglu(f"{p}experts.{j}.", c.moe_intermediate_size, c.hidden_size, tp, unit, lora)
+    for j in range(c.n_routed_experts // ep):
+        experts = _swiglu(f"{p}experts.{j}.", c.moe_intermediate_size, c.hidden_size, tp, unit, lora)
+        out += [replace(t, expert=True) for t in experts]
     if c.n_shared_experts:
         width = c.moe_intermediate_size * c.n_shared_experts
         out += _swiglu(p + "shared_experts.", width, c.hidden_size, tp, unit, lora)
     return out
 
 
-def model_tensors(mcfg: MLAConfig, tp: int, stage: StageSpec, lora=None) -> list[TensorSpec]:
+def model_tensors(mcfg: MLAConfig, tp: int, stage: StageSpec, lora=None, ep: int = 1) -> list[TensorSpec]:
     """The parameters of one rank's chunk in `MLATransformer.named_parameters()` order."""
     h, H, c = mcfg.hidden_size, mcfg.num_heads, mcfg
     trains = lora is None or not lora.enabled
@@ -171,7 +176,7 @@ def model_tensors(mcfg: MLAConfig, tp: int, stage: StageSpec, lora=None) -> list
         )
         out += _linear(a + "o_proj", h, H * c.v_head_dim, "row", tp, unit, lora)
         out.append(TensorSpec(p + "post_attention_layernorm.weight", h, trains, False, False, unit))
-        out += _mlp_tensors(c, i, tp, unit, lora)
+        out += _mlp_tensors(c, i, tp, unit, lora, ep)
         unit += 1
     if stage.is_last:
         out.append(TensorSpec("model.norm.weight", h, trains, False, False, unit))
@@ -250,7 +255,7 @@ _STATE_CACHE: dict[tuple, tuple[dict[str, int], dict[str, int], int, tuple[int, 
 def _state_key(config: Config, mcfg: MLAConfig, pp_rank: int) -> tuple:
     dc, lc = config.distributed, config.lora
     lora = (lc.r, str(lc.targets), lc.quantize_base) if lc.enabled else None
-    layout = (dc.tp or 1, dc.dp or 1, dc.pp, dc.virtual_stages, str(dc.pp_layers), dc.zero_stage)
+    layout = (dc.tp or 1, dc.dp or 1, dc.pp, dc.ep, dc.virtual_stages, str(dc.pp_layers), dc.zero_stage)
     options = (dc.offload_optimizer, dc.bucket_cap_mb, config.optim.name, config.train.precision, lora)
     return (json.dumps(mcfg.to_dict(), sort_keys=True), pp_rank, *layout, *options)
 
@@ -279,7 +284,7 @@ def _model_state(config: Config, mcfg: MLAConfig, pp_rank: int):
     tensors = [
         replace(t, unit=ci * UNIT_STRIDE + t.unit)
         for ci, spec in enumerate(chunks)
-        for t in model_tensors(mcfg, tp, spec, lora)
+        for t in model_tensors(mcfg, tp, spec, lora, dc.ep)
     ]
     trainable = [t for t in tensors if t.trainable]
     frozen = [t for t in tensors if not t.trainable]
@@ -304,10 +309,15 @@ def _model_state(config: Config, mcfg: MLAConfig, pp_rank: int):
         state["optimizer state"] += ADAM8_TABLES if opt == "adamw8bit" else 0
         where = {}
     else:
-        n_shards = 1 if dc.zero_stage == 0 else dp  # stage 0 keeps master and state whole
         align = BLOCK_8BIT if opt == "adamw8bit" else 1
-        sizes = zero_buckets(trainable, n_shards, dc.bucket_cap_mb, dc.zero_stage == 3, align)
-        shards = [s // n_shards for s in sizes]
+        sizes, shards = [], []
+        # dense buckets shard over dp, expert buckets over the dp / ep ranks holding the same experts
+        for expert, n_shards in ((False, dp), (True, dp // dc.ep)):
+            n_shards = 1 if dc.zero_stage == 0 else n_shards  # stage 0 keeps master and state whole
+            group = [t for t in trainable if t.expert == expert]
+            planned = zero_buckets(group, n_shards, dc.bucket_cap_mb, dc.zero_stage == 3, align)
+            sizes += planned
+            shards += [s // n_shards for s in planned]
         full_grads = 4 * sum(sizes)
         if dc.zero_stage == 3:
             state["parameters"] = w * sum(shards)
@@ -344,7 +354,7 @@ def estimate_rank(
     tp = dc.tp or 1
     chunks = list(rank_stages(config, mcfg, pp_rank).values())
     device, host, resting, buckets = model_state(config, mcfg, pp_rank)
-    numel = sum(t.numel for spec in chunks for t in model_tensors(mcfg, tp, spec))
+    numel = sum(t.numel for spec in chunks for t in model_tensors(mcfg, tp, spec, ep=dc.ep))
     est = MemoryEstimate(pp_rank, device, host, resting, 4 * numel)
     _, m = batch_split(config, dc.dp or 1)
     if dc.zero_stage >= 2 and buckets:  # full fp32 buckets exist only while backward fills them

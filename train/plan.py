@@ -3,7 +3,8 @@
     python -m train.plan --config FILE --gpus N --gpu NAME [--gpu-memory GiB] [--json] [--top K]
 
 Search space: every (dp, tp, pp) with dp tp pp = N, tp at most 8 and dividing the heads and the MLP
-width, pp at most the layers, dp dividing the global batch; ZeRO stage 0 (and 1, 2, 3 when dp > 1);
+width, pp at most the layers, dp dividing the global batch; for an MoE model every expert-parallel size ep
+dividing dp and the routed experts; ZeRO stage 0 (and 1, 2, 3 when dp > 1);
 optimizer offload off/on; the config's optimizer and AdamW8bit; recompute none/selective/full; sequence
 parallelism off/on when tp > 1; every micro-batch size dividing the per-rank batch; minus the
 combinations the trainer refuses (train/layout.py: ZeRO-3 with zb1p or tied embeddings, pp > 1 with tied
@@ -14,7 +15,7 @@ margin is at most the GPU's memory (`--gpu-memory` overrides the preset's).
 
 Throughput model (for ranking; stated, not measured): a step takes
 
-    t = t_compute / (1 - bubble) + t_tp + t_dp + t_offload
+    t = t_compute / (1 - bubble) + t_tp + t_ep + t_dp + t_offload
     t_compute = tokens x F / N / (peak x eff),   eff = 0.6 x b / (b + 1024), b = tokens per micro-batch
     F         = train.flops.flops_per_token (6 N_matmul + attention), 4 instead of 6 N_matmul with LoRA
                 (no weight gradients for frozen weights); plus one forward (a third of the full model's
@@ -22,10 +23,12 @@ Throughput model (for ranking; stated, not measured): a step takes
     bubble    = the schedule's idle fraction from parallel.pipeline.schedules.simulate
     t_tp      = 4 all-reduces (2 forward, 2 backward; SP: the same bytes as all-gather + reduce-scatter)
                 of b h e bytes per layer and micro-batch, 2 (tp-1)/tp of them over the GPU link
-    t_dp      = the fp32 gradient all-reduce 2 (dp-1)/dp 4 P (P: trainable parameters per rank, LoRA
-                adapters counted as 1% of the weights), plus for ZeRO >= 1 the all-gather of the
-                updated weights, plus for ZeRO-3 two parameter all-gathers per micro-batch (over 25 GB/s
-                when N > 8: between machines)
+    t_ep      = 4 all-to-alls (dispatch and combine, forward and backward; 6 with full recompute) of
+                b k h e bytes per MoE layer and micro-batch, (ep-1)/ep of them leaving the rank
+    t_dp      = the fp32 gradient all-reduce 2 (dp-1)/dp 4 P (P: trainable parameters per rank, the
+                routed experts' divided by ep, LoRA adapters counted as 1% of the weights), plus for
+                ZeRO >= 1 the all-gather of the updated weights, plus for ZeRO-3 two parameter
+                all-gathers per micro-batch (over 25 GB/s when N > 8: between machines)
     t_offload = gradients down and weights up over PCIe (16 GB/s), and the CPU optimizer at 1e9
                 parameters/s (AdamW8bit 0.3e9)
 
@@ -82,6 +85,7 @@ class Candidate:
             "dp": dc.dp,
             "tp": dc.tp,
             "pp": dc.pp,
+            "ep": dc.ep,
             "zero_stage": dc.zero_stage,
             "offload_optimizer": dc.offload_optimizer,
             "optimizer": self.config.optim.name,
@@ -130,8 +134,9 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
             if pp > mcfg.num_layers or tc.global_batch_size % dp:
                 continue
             stages = [0] + ([1, 2, 3] if dp > 1 else [])
-            for zero, offload, opt, recompute, sp in itertools.product(
-                stages, (False, True), optimizers, ("none", "selective", "full"), (False, True)
+            eps = [e for e in _divisors(dp) if mcfg.is_moe and mcfg.n_routed_experts % e == 0] or [1]
+            for ep, zero, offload, opt, recompute, sp in itertools.product(
+                eps, stages, (False, True), optimizers, ("none", "selective", "full"), (False, True)
             ):
                 if sp and tp == 1:
                     continue
@@ -148,6 +153,7 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
                             dp=dp,
                             tp=tp,
                             pp=pp,
+                            ep=ep,
                             zero_stage=zero,
                             offload_optimizer=offload,
                             recompute=recompute,
@@ -195,7 +201,16 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     if dc.tp > 1:
         rounds = TP_ROUNDS * (1.5 if dc.recompute == "full" else 1)  # full recompute: 2 more forward
         t_tp = rounds * layers * m * 2 * (dc.tp - 1) / dc.tp * b * mcfg.hidden_size * e / link
-    trainable = mcfg.num_parameters() / (dc.tp * dc.pp)
+    t_ep = 0.0
+    moe_layers = sum(mcfg.is_moe_layer(i) for i in range(mcfg.num_layers)) if mcfg.is_moe else 0
+    if dc.ep > 1:
+        rounds = 4 * (1.5 if dc.recompute == "full" else 1)  # full recompute: dispatch + combine again
+        pairs = b * mcfg.num_experts_per_tok
+        t_ep = rounds * moe_layers / dc.pp * m * (dc.ep - 1) / dc.ep * pairs * mcfg.hidden_size * e / link
+    routed = (
+        moe_layers * (mcfg.n_routed_experts or 0) * 3 * mcfg.hidden_size * (mcfg.moe_intermediate_size or 0)
+    )
+    trainable = (mcfg.num_parameters() - routed * (1 - 1 / dc.ep)) / (dc.tp * dc.pp)
     if config.lora.enabled:
         trainable *= LORA_TRAINABLE_FRACTION
     t_dp = 0.0
@@ -211,7 +226,7 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     if dc.offload_optimizer:
         shard = trainable / (dc.dp if dc.zero_stage else 1)
         t_offload = 8 * shard / (PCIE_GB_S * 1e9) + shard / CPU_ADAM_PARAMS_S[config.optim.name]
-    t = t_compute / (1 - bubble) + t_tp + t_dp + t_offload
+    t = t_compute / (1 - bubble) + t_tp + t_ep + t_dp + t_offload
     tokens_per_s = tokens / t
     return tokens_per_s, tokens_per_s * model_flops / (gpus * gpu.peak_tflops * 1e12)
 

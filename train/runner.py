@@ -48,7 +48,11 @@ class ModelRunner:
         if grad_sync is not None:
             self.grad_syncs = [grad_sync]
         else:
-            self.grad_syncs = [DataParallel(c, topology.dp_group, bucket_cap_mb) for c in parts.chunks]
+            # experts (ep > 1): averaged over the expert-data-parallel group (parallel/data/data_parallel.py)
+            experts = topology.edp_group if topology.ep_size > 1 else None
+            self.grad_syncs = [
+                DataParallel(c, topology.dp_group, bucket_cap_mb, experts) for c in parts.chunks
+            ]
         floats = (p for p in parts.parameters() if p.is_floating_point())
         self.param_dtype = next(floats).dtype  # activations between pipeline stages have it too
         self.mbs, self.m, self.seq_len = micro_batch_size, num_microbatches, seq_len
@@ -175,9 +179,17 @@ class ModelRunner:
         batches = [
             data.select(i, min(i + self.mbs, stop)).to(topo.device) for i in range(start, stop, self.mbs)
         ]
+        # Expert parallelism: every forward is an all-to-all over the ep group, so every rank runs as many
+        # as dp rank 0 (the most rows); the extra ones, on a one-row batch, are not counted.
+        first = -(-len(np.array_split(np.arange(data.rows), topo.dp_size)[0]) // self.mbs)
+        padding = max(0, first - len(batches)) if topo.ep_size > 1 else 0
+        dummies = [data.select(0, 1).to(topo.device) for _ in range(padding)]
+        batches += dummies
 
         def add(batch: TokenBatch, chunk: MLATransformer, x: torch.Tensor) -> None:
             loss_sum = chunk.loss(x, batch.targets, reduction="sum", **batch.extras()).double()
+            if any(batch is d for d in dummies):
+                return
             count = torch.tensor(float(batch.counted()), dtype=torch.float64, device=topo.device)
             totals.add_(torch.stack([loss_sum, count]))
 

@@ -218,9 +218,11 @@ class Trainer:
         clip = config.train.grad_clip
         self._phase(f"step {step + 1}: gradient norm (all-reduce over tp/pp/dp)")
         if self.zero is not None:
-            grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group)
+            grad_norm = self.zero.clip_grad_norm_(clip, topo.tp_group, topo.pp_group, topo.ep_group)
         else:
-            grad_norm = clip_grad_norm_(self.runner.parameters(), clip, topo.tp_group, topo.pp_group)
+            grad_norm = clip_grad_norm_(
+                self.runner.parameters(), clip, topo.tp_group, topo.pp_group, topo.ep_group
+            )
         self._phase(f"step {step + 1}: non-finite and signal check (all-reduce over the world)")
         if not self.guard.skip_step(step + 1, loss, grad_norm, check_grad_norm=self.scaler is None):
             self._phase(f"step {step + 1}: optimizer step (ZeRO all-gather inside)")
@@ -348,6 +350,7 @@ class Trainer:
                 self.layout.config,
                 self.dataset.tokenizer_file,
                 context.topology.pp_group,
+                context.topology.ep_group,
             )
             if self.config.lora.enabled:
                 adapter_dir = save_adapter(
@@ -355,6 +358,7 @@ class Trainer:
                     out_dir / "adapter",
                     context.topology.pp_group,
                     self.config.model.get("pretrained"),
+                    context.topology.ep_group,
                 )
         context.log(f"saved final weights to {final_dir}")
         if self.config.lora.enabled:

@@ -5,6 +5,11 @@ by TP rank 0 only; parameters and plain optimizer state by dp rank 0 only (dp re
 ZeroOptimizer state by every dp rank, its own chunk of every bucket, as flat pieces per parameter, so no
 gather happens at save time and each rank writes its 1/N share. AdamW8bit state is written as 8-bit
 units: every TP rank its own codes (a ZeRO chunk may mix replicated and sharded parameters).
+
+Expert parallelism: a routed expert's parameters (global names, `experts.{j}`) and their plain optimizer
+state are written by the ranks of expert-data-parallel index 0 (dp_rank // ep == 0: one rank
+per expert-parallel rank), so each expert is written once; ZeRO expert buckets, sharded over the
+expert-data-parallel group, by every rank, its own chunk (kept whole at stage 0: index 0 only).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from parallel.checkpoint.slices import (
     region,
 )
 from parallel.data import ZeroOptimizer
+from parallel.experts import is_expert_parameter
 from parallel.tensor import tp_dim
 
 
@@ -78,23 +84,31 @@ def _moments(state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def collect(
-    chunks: Sequence[nn.Module], optimizer: torch.optim.Optimizer | None, tp_rank: int, dp_rank: int
+    chunks: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    tp_rank: int,
+    dp_rank: int,
+    ep: int = 1,
 ) -> RankState:
     """Everything this rank alone must write (see the module docstring for who writes what)."""
     out, names = RankState(tp_rank), named_parameters(chunks)
+    expert_dp_rank = dp_rank // ep  # dp_rank = edp_rank * ep + ep_rank
+
+    def writes(p: torch.Tensor) -> bool:  # the one data-parallel replica that writes p
+        return (expert_dp_rank if is_expert_parameter(p) else dp_rank) == 0
+
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     for p, name in names.items():
         if (
             (zero is None or p not in zero.bucket_of)
-            and dp_rank == 0
+            and writes(p)
             and (tp_dim(p) is not None or tp_rank == 0)
         ):
             out.dense(f"param/{name}", p.detach(), p)
     if zero is not None:
         group_of = {m: g for g in zero.inner.param_groups for m in g["params"]}
-        replicated_over_dp = getattr(zero, "shards", zero.world) == 1  # stage 0 keeps buckets whole
         for bucket, master in zip(zero.buckets, zero.masters, strict=True):
-            if replicated_over_dp and dp_rank != 0:
+            if bucket.shards == 1 and not writes(bucket.params[0]):  # stage 0 keeps buckets whole
                 continue
             state = zero.inner.state.get(master, {})
             segments = chunk_segments(bucket, names, tp_rank)
@@ -107,11 +121,11 @@ def collect(
                 out.unit(state, group_of[master]["block_size"], master.numel(), [s for _, s in segments])
             if "step" in state:
                 out.steps.update({seg["name"]: float(state["step"]) for _, seg in segments})
-    elif optimizer is not None and dp_rank == 0:
+    elif optimizer is not None:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 state = optimizer.state.get(p)
-                if not state:
+                if not state or not writes(p):
                     continue
                 segment = param_segment(names[p], p, tp_rank)
                 if "state1" in state:  # every TP rank its own codes: each restores exactly what it had

@@ -116,6 +116,7 @@ def _layout(topology: Topology, chunks: list[nn.Module], optimizer) -> dict:
         "dp": topology.dp_size,
         "tp": topology.tp_size,
         "pp": topology.pp_size,
+        **({"ep": topology.ep_size} if topology.ep_size > 1 else {}),  # (ep=1 checkpoints as before)
         "model_chunks": len(chunks),
         "zero_stage": zero.stage if zero is not None else None,
         "optimizer": type(inner).__name__ if inner is not None else None,
@@ -226,7 +227,7 @@ def prepare_save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(topology)
-    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank)
+    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank, topology.ep_size)
     rng_tensors, rng_meta = _rng_state(topology.device)
     record = {
         "rank": rank,

@@ -30,6 +30,11 @@ tile the buckets (they may span two parameters, and every parameter gets 8-bit s
 dp size, so for the same buckets stage 1-3 at any dp equals stage 0. For such an optimizer TP-sharded
 and replicated parameters never share a bucket, so replicated ones get identical blocks on every TP
 rank. Global-norm clipping is `clip_grad_norm_` here, computed on the shards.
+
+Expert parallelism (`expert_group`: the expert-data-parallel group): the routed experts' parameters
+(`is_expert_parameter`) get buckets of their own, sharded over that group instead of dp, their gradients
+still divided by the dp size N (parallel/data/data_parallel.py derives it); their norm is summed over
+edp, then over the expert-parallel group passed to `grad_norm`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from parallel.collectives import group_rank, group_size
 from parallel.data.buckets import Bucket, BucketPlan, GradientBuckets, plan_zero_buckets
 from parallel.data.offload import master_chunk
 from parallel.data.zero3 import ParameterSharding
+from parallel.data.zero_state import consolidated_state, load_consolidated_state
+from parallel.experts import is_expert_parameter
 from parallel.tensor import tp_dim
 
 ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "AdamW8bit", "Adagrad", "RMSprop")
@@ -53,10 +60,11 @@ class ZeroBucket(Bucket):
     """A bucket of one parameter group: its flat fp32 gradient accumulator and this rank's chunk of it."""
 
     def __init__(
-        self, params: list[nn.Parameter], plan: BucketPlan, group_index: int, shards: int, rank: int
+        self, params: list[nn.Parameter], plan: BucketPlan, group_index: int, shards: int, rank: int, group
     ):
         super().__init__(params, plan)
         self.group_index = group_index
+        self.group, self.shards, self.shard_rank = group, shards, rank  # who shares the bucket
         self.device, self.dtype = params[0].device, params[0].dtype
         self.master_dtype = torch.promote_types(self.dtype, torch.float32)  # fp32, or fp64 for fp64 models
         self.chunk = self.padded // shards
@@ -103,6 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         offload: bool = False,
         bucket_cap_mb: float = 25.0,
         units: list[nn.Module] | None = None,
+        expert_group: dist.ProcessGroup | None = None,
         **optimizer_kwargs,
     ) -> None:
         if stage not in (0, 1, 2, 3):
@@ -125,21 +134,33 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         # A block-wise optimizer (AdamW8bit) quantizes in blocks of `block_size` elements of the flat
         # chunks it is given: chunk boundaries on block boundaries make the blocks independent of dp.
         align = int(optimizer_kwargs.get("block_size", 256)) if optimizer_cls.__name__ == "AdamW8bit" else 1
+        self.expert_group = expert_group
+        experts = (
+            {p for g in self.param_groups for p in g["params"] if is_expert_parameter(p)}
+            if expert_group is not None
+            else set()
+        )
+        # (group, shards, shard rank) of dense buckets, and of expert ones (sharded over edp)
+        expert_shards = (1, 0) if stage == 0 else (group_size(expert_group), group_rank(expert_group))
+        sharing = {False: (group, self.shards, self.shard_rank), True: (expert_group, *expert_shards)}
         buckets = []
         for index, group_ in enumerate(self.param_groups):
-            params = [p for p in group_["params"] if p.requires_grad]
-            plans = plan_zero_buckets(
-                [p.numel() for p in params],
-                bucket_cap_mb,
-                self.shards,
-                align,
-                units=[unit_of.get(p) for p in params],
-                tp_sharded=[tp_dim(p) is not None for p in params],
-                storage=[(p.dtype, p.device) for p in params],
-            )
-            for plan in plans:
-                members = [params[i] for i in plan.members]
-                buckets.append(ZeroBucket(members, plan, index, self.shards, self.shard_rank))
+            for expert in (False, True):
+                params = [p for p in group_["params"] if p.requires_grad and (p in experts) == expert]
+                shared_by, shards, shard_rank = sharing[expert]
+                plans = plan_zero_buckets(
+                    [p.numel() for p in params],
+                    bucket_cap_mb,
+                    shards,
+                    align,
+                    units=[unit_of.get(p) for p in params],
+                    tp_sharded=[tp_dim(p) is not None for p in params],
+                    storage=[(p.dtype, p.device) for p in params],
+                )
+                for plan in plans:
+                    members = [params[i] for i in plan.members]
+                    buckets.append(ZeroBucket(members, plan, index, shards, shard_rank, shared_by))
+                    buckets[-1].expert = expert
         self._attach_buckets(buckets)
         self.masters = [master_chunk(b.flat_params()[b.start : b.start + b.chunk], offload) for b in buckets]
         inner_groups = []
@@ -162,12 +183,14 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         grad = bucket.grad_buffer()
         if self.world == 1:
             return
-        grad.div_(self.world)
-        if self.stage >= 2 and dist.get_backend(self.group) != "gloo":
+        grad.div_(self.world)  # expert buckets too: N loss slices (parallel/data/data_parallel.py)
+        if group_size(bucket.group) == 1:
+            return
+        if self.stage >= 2 and dist.get_backend(bucket.group) != "gloo":
             bucket.shard = torch.empty(bucket.chunk, dtype=grad.dtype, device=grad.device)
-            bucket.handle = dist.reduce_scatter_tensor(bucket.shard, grad, group=self.group, async_op=True)
+            bucket.handle = dist.reduce_scatter_tensor(bucket.shard, grad, group=bucket.group, async_op=True)
         else:  # stage 0/1, or gloo (whose reduce-scatter is slower than all-reduce): keep the chunk
-            bucket.handle = dist.all_reduce(grad, group=self.group, async_op=True)
+            bucket.handle = dist.all_reduce(grad, group=bucket.group, async_op=True)
 
     def _after_launch(self) -> None:
         if self.stage >= 2 and self._next_to_launch >= 3:
@@ -212,30 +235,38 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
 
     @torch.no_grad()
     def grad_norm(
-        self, tp_group: dist.ProcessGroup | None = None, pp_group: dist.ProcessGroup | None = None
+        self,
+        tp_group: dist.ProcessGroup | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+        ep_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
-        """Global L2 norm of the reduced gradient: shards summed over dp, TP-sharded parameters summed
-        over tp (replicated ones counted once), stages summed over pp."""
-        parts = []  # per bucket: (sum of squares of TP-sharded entries, of all entries), no host sync
+        """Global L2 norm of the reduced gradient: shards summed over dp (expert shards over edp, then
+        over ep: each expert once), TP-sharded parameters summed over tp (replicated ones counted once),
+        stages summed over pp."""
+        device = self.buckets[0].device if self.buckets else torch.device("cpu")
+        # [dense, expert] x [squares of TP-sharded entries, of all entries], no host sync
+        sums = torch.zeros(2, 2, dtype=torch.float64, device=device)
         for bucket, master in zip(self.buckets, self.masters, strict=True):
             grad = master.grad if master.grad is not None else torch.zeros_like(master)  # freed
-            sharded = [grad[a:b].pow(2).sum(dtype=torch.float64) for a, b in bucket.sharded_ranges]
-            total = grad.pow(2).sum(dtype=torch.float64)
-            parts.append(
-                torch.stack([sum(sharded, torch.zeros((), dtype=torch.float64, device=grad.device)), total])
+            sharded = sum(
+                (grad[a:b].pow(2).sum(dtype=torch.float64) for a, b in bucket.sharded_ranges),
+                torch.zeros((), dtype=torch.float64, device=grad.device),
             )
-        device = self.buckets[0].device if self.buckets else torch.device("cpu")
-        sums = (
-            torch.stack(parts).sum(0).to(device)
-            if parts
-            else torch.zeros(2, dtype=torch.float64, device=device)
-        )
-        both = torch.stack([sums[0], sums[1] - sums[0]])  # (TP-sharded, replicated)
-        if self.shards > 1:
-            dist.all_reduce(both, group=self.group)
+            sums[int(bucket.expert)] += torch.stack([sharded, grad.pow(2).sum(dtype=torch.float64)]).to(
+                device
+            )
+        sums[:, 1] -= sums[:, 0]  # (TP-sharded, replicated)
+        dense, expert = sums[0].clone(), sums[1].clone()
+        for part, group in ((dense, self.group), (expert, self.expert_group)):
+            if self.stage > 0 and group_size(group) > 1:
+                dist.all_reduce(part, group=group)
+        sharded = torch.stack([dense[0], expert[0]])
         if group_size(tp_group) > 1:
-            dist.all_reduce(both[0:1], group=tp_group)
-        total = both.sum()
+            dist.all_reduce(sharded, group=tp_group)
+        expert_total = sharded[1] + expert[1]
+        if group_size(ep_group) > 1:
+            dist.all_reduce(expert_total, group=ep_group)
+        total = sharded[0] + dense[1] + expert_total
         if group_size(pp_group) > 1:
             dist.all_reduce(total, group=pp_group)
         return total.sqrt().to(self.buckets[0].master_dtype if self.buckets else torch.float32)
@@ -246,9 +277,10 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         max_norm: float,
         tp_group: dist.ProcessGroup | None = None,
         pp_group: dist.ProcessGroup | None = None,
+        ep_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """Scale the gradient shards so the global norm is at most `max_norm`; returns the norm before."""
-        norm = self.grad_norm(tp_group, pp_group)
+        norm = self.grad_norm(tp_group, pp_group, ep_group)
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             self.scale_grads(scale)
@@ -273,13 +305,13 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
             return
         # Each rank's updated chunk is broadcast in turn and copied straight into the parameters it
         # covers: one chunk-sized buffer, never a full-sized one.
-        group = self.group if self.group is not None else dist.group.WORLD
         for bucket, master in zip(self.buckets, self.masters, strict=True):
+            group = bucket.group if bucket.group is not None else dist.group.WORLD
             mine = master.to(bucket.device, bucket.dtype, non_blocking=True)  # 16-bit if the model is
-            other = torch.empty_like(mine) if self.shards > 1 else None
-            for rank in range(self.shards):
-                chunk = mine if rank == self.shard_rank else other
-                if self.shards > 1:
+            other = torch.empty_like(mine) if bucket.shards > 1 else None
+            for rank in range(bucket.shards):
+                chunk = mine if rank == bucket.shard_rank else other
+                if bucket.shards > 1:
                     dist.broadcast(chunk, dist.get_global_rank(group, rank), group=group)
                 bucket.copy_out(chunk, rank * bucket.chunk)
 
@@ -321,73 +353,11 @@ class ZeroOptimizer(torch.optim.Optimizer, GradientBuckets):
         for group_, saved in zip(self.param_groups, state["param_groups"], strict=True):
             group_.update(saved)
 
-    def consolidated_state_dict(self) -> dict[str, dict[str, torch.Tensor]] | None:
+    def consolidated_state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per parameter (by position in `param_groups`), its full optimizer state tensors, gathered from
         every rank: {index: {state name: tensor shaped like the parameter}}; returned on every rank."""
-        full: dict[int, dict[str, torch.Tensor]] = {}
-        index_of = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for bucket, master in zip(self.buckets, self.masters, strict=True):
-            state = self.inner.state.get(master, {})
-            for name, value in state.items():
-                if not torch.is_tensor(value) or not value.is_floating_point() or value.shape != master.shape:
-                    continue
-                flat = torch.empty(bucket.padded, dtype=value.dtype, device=bucket.device)
-                mine = value.to(bucket.device)
-                if self.shards > 1:
-                    dist.all_gather(list(flat.chunk(self.shards)), mine.contiguous(), group=self.group)
-                else:
-                    flat.copy_(mine)
-                for p in bucket.params:
-                    full.setdefault(index_of[p], {})[name] = bucket.view(flat, p).clone()
-        return full
+        return consolidated_state(self)
 
-    @torch.no_grad()
     def load_consolidated_state_dict(self, full: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
-        """Inverse of `consolidated_state_dict`, for any dp size: `full[i]` holds, for parameter i (by
-        position in `param_groups`), tensors shaped like it: the inner optimizer's state (`exp_avg`, ...),
-        optionally `master` (the fp32 weights; the parameters are set from them too), and optionally a
-        scalar `step`. Each rank keeps its chunk of every bucket. `full[i]` is read once (it may be a lazy
-        mapping that loads one parameter at a time); a parameter missing from `full` is an error."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        index_of = {p: i for i, p in enumerate(params)}
-        inner_index = {m: i for i, m in enumerate(m for g in self.inner.param_groups for m in g["params"])}
-        inner_state = {}
-        for bucket, master in zip(self.buckets, self.masters, strict=True):
-            flats: dict[str, torch.Tensor] = {}
-            step, names = None, None
-            for p in bucket.params:
-                if index_of[p] not in full:
-                    raise KeyError(f"load_consolidated_state_dict: no state for parameter {index_of[p]}")
-                entry, shape = full[index_of[p]], bucket.shapes[p]
-                step = entry.get("step", step)
-                tensors = {k: v for k, v in entry.items() if k != "step"}
-                if names is not None and set(tensors) != names:
-                    raise ValueError(
-                        f"parameter {index_of[p]}: state {sorted(tensors)} differs from its bucket's "
-                        f"{sorted(names)}"
-                    )
-                names = set(tensors)
-                for name, value in tensors.items():
-                    if tuple(value.shape) != tuple(shape):
-                        raise ValueError(
-                            f"parameter {index_of[p]}: {name} has shape {tuple(value.shape)}, expected "
-                            f"{tuple(shape)}"
-                        )
-                    if name not in flats:
-                        flats[name] = torch.zeros(bucket.padded, dtype=master.dtype, device=master.device)
-                    bucket.view(flats[name], p).copy_(value.reshape(shape))
-                    if name == "master" and self.sharding is None:
-                        p.copy_(value.view_as(p))
-            chunks = {name: f[bucket.start : bucket.start + bucket.chunk] for name, f in flats.items()}
-            if "master" in chunks:
-                master.copy_(chunks.pop("master"))
-                if self.sharding is not None:
-                    bucket.param_chunk.copy_(master.to(bucket.device))
-            if chunks:
-                state = {name: chunk.clone() for name, chunk in chunks.items()}
-                if step is not None:
-                    state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
-                inner_state[inner_index[master]] = state
-        if inner_state:
-            groups = self.inner.state_dict()["param_groups"]
-            self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
+        """Inverse of `consolidated_state_dict`, for any dp size (parallel/data/zero_state.py)."""
+        load_consolidated_state(self, full)

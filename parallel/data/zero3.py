@@ -85,10 +85,10 @@ class ParameterSharding:
         for bucket in self.unit_buckets[index]:
             flat = self._buffer(bucket)
             with torch.autograd._unsafe_preserve_version_counter(flat):  # refilled, not modified
-                if self.opt.world > 1:
+                if bucket.shards > 1:  # over dp, or over edp for expert buckets
                     works.append(
                         dist.all_gather(
-                            list(flat.chunk(self.opt.world)), bucket.param_chunk, self.opt.group, True
+                            list(flat.chunk(bucket.shards)), bucket.param_chunk, bucket.group, True
                         )
                     )
                 else:

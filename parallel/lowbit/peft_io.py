@@ -6,9 +6,10 @@ A directory holds
                                 (out x r) for every adapted module, in full (TP-gathered, every stage)
     adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, ...
 
-Saving gathers each rank's shards (and, given the pipeline group, every stage's adapters) and global
-rank 0 writes; loading reads the full tensors on every rank and keeps each rank's shard, so a file loads
-under any (tp, pp) layout. PEFT features this LoRA lacks are refused by name, never ignored.
+Saving gathers each rank's shards (and, given the pipeline and expert-parallel groups, every stage's
+adapters and every routed expert's) and global rank 0 writes; loading reads the full tensors on every
+rank and keeps each rank's shard, so a file loads under any (tp, pp) layout. PEFT features this LoRA
+lacks are refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def save_adapter(
     directory: str | Path,
     pp_group: dist.ProcessGroup | None = None,
     base_model: str | None = None,
+    ep_group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Write the adapters (full: TP-gathered, and from every pipeline stage when `pp_group` is given) in
-    PEFT's layout; `base_model` is recorded as `base_model_name_or_path`. `model` is a model or this
-    rank's pipeline chunks. Collective; global rank 0 writes."""
+    """Write the adapters (full: TP-gathered, from every routed expert when `ep_group` is given, and from
+    every pipeline stage when `pp_group` is given) in PEFT's layout; `base_model` is recorded as
+    `base_model_name_or_path`. `model` is a model or this rank's pipeline chunks. Collective; global
+    rank 0 writes."""
     parts = ModelParts.of(model)
     settings = getattr(parts.first, "lora_settings", None)
     if settings is None:
@@ -94,10 +97,11 @@ def save_adapter(
             tensors[f"{PEFT_PREFIX}{name}.{factor}.weight"] = (
                 full_tensor(weight, module.group).cpu().contiguous()
             )
-    if group_size(pp_group) > 1:
-        gathered: list[dict | None] = [None] * group_size(pp_group)
-        dist.all_gather_object(gathered, tensors, group=pp_group)
-        tensors = {name: t for part in gathered for name, t in part.items()}
+    for group in (ep_group, pp_group):  # experts keep global names: the ep ranks' sets are disjoint
+        if group_size(group) > 1:
+            gathered: list[dict | None] = [None] * group_size(group)
+            dist.all_gather_object(gathered, tensors, group=group)
+            tensors = {name: t for part in gathered for name, t in part.items()}
     directory = Path(directory)
     if _is_writer():
         directory.mkdir(parents=True, exist_ok=True)
