@@ -83,7 +83,9 @@ class RunContext:
         else:
             why = "no torchrun environment (RANK/WORLD_SIZE unset)"
             how = "single process"
-        layout = f"dp={dp} tp={tp} pp={pp}" + (f" cp={cp}" if cp > 1 else "") + (f" ep={ep}" if ep > 1 else "")
+        layout = (
+            f"dp={dp} tp={tp} pp={pp}" + (f" cp={cp}" if cp > 1 else "") + (f" ep={ep}" if ep > 1 else "")
+        )
         if dist_cfg.dp is None and dist_cfg.tp is None and pp == 1 and world > 1:
             layout += (
                 f" (chosen from world size {world}: data parallel; set distributed.tp to shard the model)"
