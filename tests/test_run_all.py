@@ -132,6 +132,13 @@ SYNTHETIC = {
         "speed": {"new_tokens": 64, "modes": {"latent cache": {"speedup_vs_no_cache": 3.0}}},
     },
     "bench_moe": {"cases": [{"case": "8 experts, k 2", "moe_over_dense": 1.5}]},
+    "bench_context_parallel": {
+        "seq": 2048,
+        "forward_bytes_over_minimum": 1.0,
+        "deepseek_v2_32k_bf16": {"kv_over_latent": 71.1},
+        "speedup_paired": 1.8,
+        "memory": [{"cp": 1, "measured_over_estimate": 0.9}, {"cp": 2, "measured_over_estimate": 1.01}],
+    },
 }
 
 
@@ -204,6 +211,12 @@ def test_headlines_from_synthetic_json():
         "KV cache bytes MHA / MLA, README default": 4.0,
     }
     assert values(rows["bench_moe"]) == {"MoE / dense MLP step time, 8 experts, k 2": 1.5}
+    assert values(rows["bench_context_parallel"]) == {
+        "latent all-gather bytes / derived minimum": 1.0,
+        "K/V / latent bytes per token, DeepSeek-V2": 71.1,
+        "cp=2 attention speed-up over cp=1, 2048 tokens": 1.8,
+        "cp=2 saved activations / estimate": 1.01,
+    }
 
 
 @pytest.mark.parametrize("data", [{}, {"variants": "x", "runs": [1, None], "rows": {}, "memory": [[]]}, []])
