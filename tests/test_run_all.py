@@ -137,6 +137,7 @@ SYNTHETIC = {
         "forward_bytes_over_minimum": 1.0,
         "deepseek_v2_32k_bf16": {"kv_over_latent": 71.1},
         "speedup_paired": 1.8,
+        "speedup_over_latent_cp1_paired": 1.7,
         "memory": [{"cp": 1, "measured_over_estimate": 0.9}, {"cp": 2, "measured_over_estimate": 1.01}],
     },
 }
@@ -215,6 +216,7 @@ def test_headlines_from_synthetic_json():
         "latent all-gather bytes / derived minimum": 1.0,
         "K/V / latent bytes per token, DeepSeek-V2": 71.1,
         "cp=2 attention speed-up over cp=1, 2048 tokens": 1.8,
+        "cp=2 speed-up over cp=1, same latent attention": 1.7,
         "cp=2 saved activations / estimate": 1.01,
     }
 
