@@ -6,9 +6,12 @@ positions restart per document. Layouts: cp=2 (ZeRO-3, full recompute, with vali
 schedule, whose deferred weight gradients land in DataParallel's dp x cp buckets). The losses of every
 step and the validation loss agree with the one-process run to 1e-5 relative (fp32: the layouts differ
 only in the order of floating-point sums: the attention's log-sum-exp merge, the reduce-scatter of latent
-gradients and the dp x cp gradient average); the gradient norm to 1e-4. Unsupported combinations are
-rejected up front, naming the keys.
+gradients and the dp x cp gradient average); the gradient norm to 1e-4. The checkpoint holds every
+region once (cp ranks share their parameters). Unsupported combinations are rejected up front, naming
+the keys.
 """
+
+import json
 
 import pytest
 from test_cli import TINY, read_metrics, run_cli
@@ -66,6 +69,11 @@ def test_context_parallel_loss_curve_equals_one_process(
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
         if "grad_norm" in b:
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+    # cp ranks hold the same parameters: only the first of the dp x cp replicas writes them
+    manifest = json.loads((run_dir / "checkpoints" / "step-00000002" / "manifest.json").read_text())
+    for name, entry in manifest["tensors"].items():
+        regions = [json.dumps([p["index"], p.get("flat")]) for p in entry["pieces"]]
+        assert len(regions) == len(set(regions)), f"{name} written twice: {entry['pieces']}"
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,7 @@ def _layout(topology: Topology, chunks: list[nn.Module], optimizer) -> dict:
     return {
         "world_size": topology.world_size,
         "dp": topology.dp_size,
+        "cp": topology.cp_size,
         "tp": topology.tp_size,
         "pp": topology.pp_size,
         "model_chunks": len(chunks),
@@ -226,7 +227,8 @@ def prepare_save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(topology)
-    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank)
+    # the first of the dp x cp replicas writes what they share (cp ranks hold the same parameters)
+    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_cp_rank)
     rng_tensors, rng_meta = _rng_state(topology.device)
     record = {
         "rank": rank,
@@ -331,7 +333,7 @@ def load(
     restore(reader, chunks, optimizer, topology.tp_rank, progress)
     saved = manifest["layout"]
     current = _layout(topology, chunks, optimizer)
-    same = all(saved[k] == current[k] for k in ("world_size", "dp", "tp", "pp"))
+    same = all(saved.get(k, 1) == current[k] for k in ("world_size", "dp", "cp", "tp", "pp"))
     rank_state = None
     if same:
         record = json.loads((reader.directory / manifest["ranks"][topology.rank]["meta"]).read_text())
