@@ -19,7 +19,7 @@ from dist_harness import grid, run_distributed
 
 from models import MLAConfig, MLATransformer
 from parallel.context import ContextShard, latent_attention, zigzag_merge, zigzag_positions, zigzag_split
-from parallel.context.attention import _Plan
+from parallel.context.attention import Plan
 from parallel.tensor import tp_dim
 from parallel.tensor.sharding import gather_tensor
 
@@ -52,7 +52,8 @@ def test_zigzag_split_merge_and_balance():
         assert all(torch.equal(zigzag_positions(16 // cp, r, cp), parts[r]) for r in range(cp))
         # causal work: every rank computes the same number of (query piece, key piece) pairs
         work = [
-            sum(len(u) for _, u in _Plan(ContextShard(None, r, cp, x), 1, 1.0, 1).pairs()) for r in range(cp)
+            sum(len(Plan(ContextShard(None, r, cp, x), 1, 1.0, 1).users(j)) for j in range(2 * cp))
+            for r in range(cp)
         ]
         assert work == [2 * cp + 1] * cp
     with pytest.raises(ValueError, match="divisible by 2 x cp = 6"):
@@ -212,3 +213,43 @@ def test_activation_estimate_per_local_token_matches_saved_tensors_at_cp2():
     for measured, estimate, plain in run_distributed(2, _saved_cases)[0]:
         assert measured == pytest.approx(estimate, abs=8)
         assert estimate < plain
+
+
+def _check_ring_equals_all_gather(cp, documents):
+    from parallel.context.ring import ring_latent_attention
+
+    torch.manual_seed(0)
+    b, h, s, d_nope, d_rope, d_v, rank, scale = 2, 3, SEQ, 8, 4, 6, 10, 0.3
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    query, latent = torch.randn(b, h, s, d_nope + d_rope, **kw), torch.randn(b, s, rank, **kw)
+    k_rope, weight = torch.randn(b, s, d_rope, **kw), torch.randn(rank, h * (d_nope + d_v), **kw)
+    grad_out = torch.randn(b, h, s // cp, d_v, dtype=torch.float64)
+    with grid(cp=cp) as topo:
+        r = topo.cp_rank
+
+        def gathered(t):
+            return torch.cat([zigzag_split(t, 1, i, cp) for i in range(cp)], 1)
+
+        ids = (zigzag_split(DOCUMENTS, 1, r, cp), gathered(DOCUMENTS)) if documents else (None, None)
+        shard = ContextShard(topo.cp_group, r, cp, zigzag_positions(s // cp, r, cp), *ids)
+        q = zigzag_split(query, 2, r, cp)
+        results = []
+        for ring in (False, True):
+            if ring:
+                local = (zigzag_split(latent, 1, r, cp), zigzag_split(k_rope, 1, r, cp))
+                out = ring_latent_attention(q, *local, weight, shard, scale, d_nope)
+            else:
+                out = latent_attention(q, gathered(latent), gathered(k_rope), weight, shard, scale, d_nope)
+            grads = torch.autograd.grad(out, (query, latent, k_rope, weight), grad_out)
+            for g in grads:  # each rank holds its queries' share: the full gradients are the sums
+                dist.all_reduce(g, group=topo.cp_group)
+            results.append((out, *grads))
+        for name, got, want in zip(("out", "query", "latent", "k_rope", "W_kvb"), *results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("cp, documents", [(2, True), (4, False)])
+def test_ring_exchange_equals_the_all_gather(cp, documents):
+    """The ring alternative (parallel/context/ring.py): same outputs and gradients as the all-gather path
+    (fp64, rtol 1e-10: only the order of the log-sum-exp merge differs)."""
+    run_distributed(cp, _check_ring_equals_all_gather, cp=cp, documents=documents)

@@ -30,21 +30,17 @@ from parallel.context.shard import ContextShard
 from parallel.context.zigzag import gathered_pieces, rank_pieces
 
 
-class _Plan:
+class Plan:
     """Which (query piece, key piece) pairs a rank computes, and how to slice and mask them."""
 
     def __init__(self, shard: ContextShard, piece: int, scale: float, d_nope: int) -> None:
         self.shard, self.piece, self.scale, self.d_nope = shard, piece, scale, d_nope
         self.query_pieces = rank_pieces(shard.rank, shard.size)
 
-    def pairs(self) -> list[tuple[int, list[int]]]:
-        """(gathered key block j, the local query blocks that see it), skipping blocks nobody sees."""
-        out = []
-        for block, key_piece in enumerate(gathered_pieces(self.shard.size)):
-            users = [a for a, query_piece in enumerate(self.query_pieces) if key_piece <= query_piece]
-            if users:
-                out.append((block, users))
-        return out
+    def users(self, block: int) -> list[int]:
+        """The local query blocks (0, 1) that see gathered key block `block` (none: the block is skipped)."""
+        key_piece = gathered_pieces(self.shard.size)[block]
+        return [a for a, query_piece in enumerate(self.query_pieces) if key_piece <= query_piece]
 
     def rows(self, block: int) -> slice:
         return slice(block * self.piece, (block + 1) * self.piece)
@@ -80,60 +76,78 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _forward(plan: _Plan, query, latent, k_rope, weight):
+def forward_block(plan: Plan, block: int, held: int, query, latent, k_rope, weight, outs, lses) -> None:
+    """Fold key block `block` (gathered order), found at block `held` of `latent` / `k_rope`, into the
+    running (output, LSE) of each local query block that sees it (`outs`, `lses`: two entries each)."""
+    users = plan.users(block)
+    if not users:
+        return
+    key, value = plan.keys(latent, k_rope, weight, held, query.shape[1])
+    for a in users:
+        scores = plan.scores(query, key, a)
+        out, lse = partial_attention(scores, value, plan.allowed(a, block, query.device))
+        if outs[a] is not None:
+            out, lse = merge_partials(outs[a], lses[a], out, lse)
+        outs[a], lses[a] = out, lse
+
+
+def _forward(plan: Plan, query, latent, k_rope, weight):
     """Output (batch, heads, s_local, d_v) and fp32 LSE (batch, heads, s_local) of the local queries."""
-    heads = query.shape[1]
     outs, lses = [None, None], [None, None]
-    for block, users in plan.pairs():
-        key, value = plan.keys(latent, k_rope, weight, block, heads)
-        for a in users:
-            scores = plan.scores(query, key, a)
-            out, lse = partial_attention(scores, value, plan.allowed(a, block, query.device))
-            if outs[a] is not None:
-                out, lse = merge_partials(outs[a], lses[a], out, lse)
-            outs[a], lses[a] = out, lse
+    for block in range(2 * plan.shard.size):
+        forward_block(plan, block, block, query, latent, k_rope, weight, outs, lses)
     return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
 
 
-def _backward(plan: _Plan, grad_out, query, latent, k_rope, weight, out, lse):
+def backward_block(plan: Plan, block: int, held: int, saved, grad_out, delta, d_query, d_weight):
+    """Gradients from key block `block` (at block `held` of the latents in `saved` = (query, latent,
+    k_rope, weight, lse)): adds into `d_query` and `d_weight`, returns (d_latent, d_k_rope) of the block."""
+    query, latent, k_rope, weight, lse = saved
+    dtype, acc = query.dtype, d_query.dtype
+    key, value = plan.keys(latent, k_rope, weight, held, query.shape[1])
+    d_key = torch.zeros_like(key, dtype=acc)
+    d_value = torch.zeros_like(value, dtype=acc)
+    for a in plan.users(block):
+        rows = plan.rows(a)
+        scores = plan.scores(query, key, a)
+        allowed = plan.allowed(a, block, query.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.exp(scores - lse[:, :, rows, None]).to(dtype)
+        g = grad_out[:, :, rows].to(dtype)
+        d_value += torch.matmul(probs.transpose(-1, -2), g).to(acc)
+        d_probs = torch.matmul(g, value.transpose(-1, -2)).to(acc)
+        d_scores = (probs.to(acc) * (d_probs - delta[:, :, rows, None]) * plan.scale).to(dtype)
+        d_query[:, :, rows] += torch.matmul(d_scores, key).to(acc)
+        d_key += torch.matmul(d_scores.transpose(-1, -2), query[:, :, rows]).to(acc)
+    d_nope, d_pe = d_key.split([plan.d_nope, d_key.shape[-1] - plan.d_nope], dim=-1)
+    b, _, p, _ = d_nope.shape
+    d_kv = torch.cat([d_nope, d_value], dim=-1).transpose(1, 2).reshape(b, p, -1).to(dtype)
+    d_weight += torch.einsum("bpr,bpo->ro", latent[:, plan.rows(held)], d_kv).to(acc)
+    return torch.matmul(d_kv, weight.transpose(0, 1)).to(acc), d_pe.sum(1)
+
+
+def _backward(plan: Plan, grad_out, query, latent, k_rope, weight, out, lse):
     """Gradients of (query, latent, k_rope, weight) in fp32, one key block at a time (module docstring)."""
-    heads, dtype = query.shape[1], query.dtype
-    acc = _accumulate(dtype)
+    acc = _accumulate(query.dtype)
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
     d_query = torch.zeros_like(query, dtype=acc)
     d_latent = torch.zeros_like(latent, dtype=acc)
     d_rope = torch.zeros_like(k_rope, dtype=acc)
     d_weight = torch.zeros_like(weight, dtype=acc)
-    for block, users in plan.pairs():
-        key, value = plan.keys(latent, k_rope, weight, block, heads)
-        d_key = torch.zeros_like(key, dtype=acc)
-        d_value = torch.zeros_like(value, dtype=acc)
-        for a in users:
-            rows = plan.rows(a)
-            scores = plan.scores(query, key, a)
-            allowed = plan.allowed(a, block, query.device)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.exp(scores - lse[:, :, rows, None]).to(dtype)
-            g = grad_out[:, :, rows].to(dtype)
-            d_value += torch.matmul(probs.transpose(-1, -2), g).to(acc)
-            d_probs = torch.matmul(g, value.transpose(-1, -2)).to(acc)
-            d_scores = (probs.to(acc) * (d_probs - delta[:, :, rows, None]) * plan.scale).to(dtype)
-            d_query[:, :, rows] += torch.matmul(d_scores, key).to(acc)
-            d_key += torch.matmul(d_scores.transpose(-1, -2), query[:, :, rows]).to(acc)
-        d_nope, d_pe = d_key.split([plan.d_nope, d_key.shape[-1] - plan.d_nope], dim=-1)
-        keys = plan.rows(block)
-        d_rope[:, keys] = d_pe.sum(1)
-        b, _, p, _ = d_nope.shape
-        d_kv = torch.cat([d_nope, d_value], dim=-1).transpose(1, 2).reshape(b, p, -1).to(dtype)
-        d_latent[:, keys] = torch.matmul(d_kv, weight.transpose(0, 1)).to(acc)
-        d_weight += torch.einsum("bpr,bpo->ro", latent[:, keys], d_kv).to(acc)
+    saved = (query, latent, k_rope, weight, lse)
+    for block in range(2 * plan.shard.size):
+        if plan.users(block):
+            rows = plan.rows(block)
+            d_latent[:, rows], d_rope[:, rows] = backward_block(
+                plan, block, block, saved, grad_out, delta, d_query, d_weight
+            )
     return d_query, d_latent, d_rope, d_weight
 
 
 class _LatentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, latent, k_rope, weight, plan: _Plan):
+    def forward(ctx, query, latent, k_rope, weight, plan: Plan):
         dtypes = [t.dtype for t in (query, latent, k_rope, weight)]
         with torch.autocast(query.device.type, enabled=False):
             dtype = query.dtype
@@ -171,5 +185,5 @@ def latent_attention(
             f"{local} local queries and {latent.shape[1]} keys: expected two equal zigzag pieces per rank "
             f"and {local} x cp={shard.size} keys"
         )
-    plan = _Plan(shard, local // 2, scale, d_nope)
+    plan = Plan(shard, local // 2, scale, d_nope)
     return _LatentAttention.apply(query, latent, k_rope, kv_weight, plan)
