@@ -16,7 +16,8 @@ gradient, causal attention, fp32, one thread per rank, gloo:
    per-round ratios. cp=1 runs PyTorch's SDPA, which on CPU is the "math" fallback over the whole
    (seq x seq) score matrix, masked half included; a third step, "cp1 latent", runs our piece-wise
    latent attention at cp=1 (causal pieces skipped as at cp=2), so cp1 latent / cp2 is the speed-up of
-   the split alone. The all-gather is used, not a ring: see docs/long-context.md for why.
+   the split alone. A fourth, "cp2 ring", passes the latents round a ring (parallel/context/ring.py)
+   instead of gathering them: ring / all-gather is the paired ratio of their step times.
 3. Activation memory per rank: the bytes autograd saves for backward in one decoder layer (saved-tensor
    hooks, de-duplicated by storage, parameters excluded) at cp=1 and cp=2, against
    train/activations.py's estimate (per local token, plus the per-layer W_kvb copy under cp).
@@ -126,6 +127,11 @@ def _attention_steps(rank: int, seq: int, batch: int):
         out.backward(grad_local)
         return out, xi
 
+    def cp2_ring():
+        xi = x_local.clone().requires_grad_()
+        shard = context_shard(seq // CP, group, ring=True)
+        attn(xi, shard.positions, context=shard).backward(grad_local)
+
     def cp1_latent():
         xi = x.clone().requires_grad_()
         shard = context_shard(seq, None)
@@ -142,7 +148,7 @@ def _attention_steps(rank: int, seq: int, batch: int):
         full_out, full_grad = (zigzag_merge(torch.cat(t, 1), 1, CP) for t in both)
         return max((full_out - out1).abs().max().item(), (full_grad - xi.grad).abs().max().item())
 
-    return cp1, cp1_latent, cp2, check
+    return cp1, cp1_latent, cp2, cp2_ring, check
 
 
 def _saved_bytes(rank: int, seq: int, cp: int) -> dict[str, float]:
@@ -180,11 +186,13 @@ def _saved_bytes(rank: int, seq: int, cp: int) -> dict[str, float]:
 
 def measure(rank: int, world_size: int, seq: int, batch: int, rounds: int) -> dict:
     torch.set_num_threads(1)
-    cp1, cp1_latent, cp2, check = _attention_steps(rank, seq, batch)
+    cp1, cp1_latent, cp2, cp2_ring, check = _attention_steps(rank, seq, batch)
     error = check()
     with counting() as counts:
         cp2()
-    times = interleaved_times({"cp1": cp1, "cp1 latent": cp1_latent, "cp2": cp2}, warmup=1, repeats=rounds)
+    times = interleaved_times(
+        {"cp1": cp1, "cp1 latent": cp1_latent, "cp2": cp2, "cp2 ring": cp2_ring}, warmup=1, repeats=rounds
+    )
     memory = [_saved_bytes(rank, seq, 1), _saved_bytes(rank, seq, CP)]
     return {
         "seq": seq,
@@ -199,6 +207,7 @@ def measure(rank: int, world_size: int, seq: int, batch: int, rounds: int) -> di
         "time": {name: summary(t) for name, t in times.items()},
         "speedup_paired": paired_ratio(times["cp1"], times["cp2"]),
         "speedup_over_latent_cp1_paired": paired_ratio(times["cp1 latent"], times["cp2"]),
+        "ring_over_all_gather_paired": paired_ratio(times["cp2 ring"], times["cp2"]),
         "memory": memory,
     }
 
@@ -257,7 +266,8 @@ def main() -> None:
     )
     print(
         f"speed-up cp1/cp2 (paired median, ideal 2): {r['speedup_paired']:.2f} against SDPA, "
-        f"{r['speedup_over_latent_cp1_paired']:.2f} against the same latent attention at cp=1"
+        f"{r['speedup_over_latent_cp1_paired']:.2f} against the same latent attention at cp=1; "
+        f"ring / all-gather step time at cp=2: {r['ring_over_all_gather_paired']:.3f}"
     )
     for x in r["memory"]:
         x["measured_over_estimate"] = x["measured_bytes"] / x["estimate_bytes"]

@@ -364,6 +364,7 @@ def context_parallel(r: dict) -> list[dict]:
         ),
         headline(f"cp=2 attention speed-up over cp=1, {get(r, 'seq')} tokens", num(r, "speedup_paired")),
         headline("cp=2 speed-up over cp=1, same latent attention", num(r, "speedup_over_latent_cp1_paired")),
+        headline("cp=2 ring / all-gather step time", num(r, "ring_over_all_gather_paired")),
         headline("cp=2 saved activations / estimate", num(cp2[0], "measured_over_estimate")),
     ]
 

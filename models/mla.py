@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import MLAConfig
 from parallel.collectives import copy_to_group, group_size
 from parallel.context import ContextShard, document_positions, exchange_latents, latent_attention
+from parallel.context.ring import ring_latent_attention
 from parallel.pipeline.deferred_wgrad import Linear
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
@@ -247,9 +248,12 @@ class MultiHeadLatentAttention(nn.Module):
         # both reach the head-sharded computation without a column-parallel layer: sum their gradients
         latent = copy_to_group(self.kv_a_layernorm(c_kv), self.group)
         k_pe = self.rotary(copy_to_group(k_pe, self.group).unsqueeze(1), context.positions).squeeze(1)
-        latent, k_pe = exchange_latents(latent, k_pe, context.group)
-        eye = torch.eye(self.config.kv_lora_rank, device=x.device, dtype=latent.dtype)
-        out = latent_attention(query, latent, k_pe, self.kv_b_proj(eye), context, self.scale, self.d_nope)
+        eye = torch.eye(self.config.kv_lora_rank, device=x.device, dtype=k_pe.dtype)
+        if context.ring:
+            attend = ring_latent_attention
+        else:
+            attend, (latent, k_pe) = latent_attention, exchange_latents(latent, k_pe, context.group)
+        out = attend(query, latent, k_pe, self.kv_b_proj(eye), context, self.scale, self.d_nope)
         return out.transpose(1, 2).reshape(b, s, self.local_heads * self.d_v)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

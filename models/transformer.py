@@ -169,6 +169,7 @@ class MLABackbone(nn.Module):
         self.recompute = "none"  # none | full | selective
         self.sequence_parallel = False  # hidden states between layers are split along the sequence
         self.cp_group = None  # the sequence is split over this context-parallel group (None: not split)
+        self.cp_ring = True  # latents passed round a ring (else all-gathered): parallel/context/
 
     def forward(self, inputs: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere (under
@@ -185,7 +186,7 @@ class MLABackbone(nn.Module):
         x = self.embed_tokens(inputs) if self.stage.is_first else inputs
         positions, mask, context = torch.arange(seq, device=x.device), None, None
         if self.cp_group is not None:
-            context = context_shard(seq, self.cp_group, document_ids, x.device)
+            context = context_shard(seq, self.cp_group, document_ids, x.device, self.cp_ring)
             positions, document_ids = context.positions, None
         if document_ids is not None:
             if document_ids.shape != (x.shape[0], seq):
@@ -271,9 +272,10 @@ class MLATransformer(nn.Module):
         for layer in self.model.layers.values():
             layer.self_attn.recompute_core = mode == "selective"
 
-    def set_context_parallel(self, group) -> None:
+    def set_context_parallel(self, group, ring: bool = True) -> None:
         """Split every sequence over the context-parallel `group` (None: whole sequences, as for
-        generation): inputs, targets and document ids are then this rank's zigzag pieces."""
+        generation): inputs, targets and document ids are then this rank's zigzag pieces. The latents
+        travel round a ring (`ring`, the faster measured; docs/long-context.md) or are all-gathered."""
         cp = group_size(group)
         if cp > 1 and self.config.is_moe:
             raise ValueError(
@@ -281,6 +283,7 @@ class MLATransformer(nn.Module):
                 "sequence-level balance loss needs the whole sequence"
             )
         self.model.cp_group = group if cp > 1 else None
+        self.model.cp_ring = ring
         self.cp_size = cp
 
     def set_sequence_parallel(self, enabled: bool) -> None:

@@ -101,7 +101,7 @@ def _batch():
     return inputs, targets
 
 
-def _check_model(cp, tp, documents, sequence_parallel=False, recompute="none", precision="fp32"):
+def _check_model(cp, tp, documents, sequence_parallel=False, recompute="none", precision="fp32", ring=True):
     inputs, targets = _batch()
     docs = DOCUMENTS if documents else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -114,6 +114,7 @@ def _check_model(cp, tp, documents, sequence_parallel=False, recompute="none", p
     with grid(cp=cp, tp=tp) as topo:
         torch.manual_seed(1234)
         model = MLATransformer(CONFIG, topo)
+        model.set_context_parallel(topo.cp_group, ring=ring)
         model.set_recompute(recompute)
         model.set_sequence_parallel(sequence_parallel)
 
@@ -142,11 +143,22 @@ def _check_model(cp, tp, documents, sequence_parallel=False, recompute="none", p
 
 
 @pytest.mark.parametrize(
-    "cp, documents, recompute",
-    [(2, False, "none"), (2, True, "full"), (4, False, "selective"), (4, True, "none")],
+    "cp, documents, recompute, ring",
+    [
+        (2, False, "none", True),
+        (2, True, "full", False),
+        (4, False, "selective", True),
+        (4, True, "none", False),
+    ],
+    ids=[
+        "cp2-causal-ring",
+        "cp2-documents-full-recompute-all-gather",
+        "cp4-causal-selective-ring",
+        "cp4-documents-all-gather",
+    ],
 )
-def test_context_parallel_model_matches_single_process(cp, documents, recompute):
-    run_distributed(cp, _check_model, cp=cp, tp=1, documents=documents, recompute=recompute)
+def test_context_parallel_model_matches_single_process(cp, documents, recompute, ring):
+    run_distributed(cp, _check_model, cp=cp, tp=1, documents=documents, recompute=recompute, ring=ring)
 
 
 def test_context_parallel_with_tensor_and_sequence_parallel_matches_single_process():

@@ -23,13 +23,15 @@ micro-batch in flight, and about 12 V / T transient bytes while it is computed.
 Context parallelism (cp = C > 1): every per-token figure applies to the s / C tokens a rank holds. The
 attention (parallel/context/) keeps no per-head keys and values: per local token it keeps the RoPE'd
 query, the output (and o_proj's copy of it) and its log-sum-exp, e H (d_qk + 2 d_v) / T + 4 H / T, plus
-the gathered latents of the whole sequence, e (kv_lora + d_rope) C per local token, but not the
+its own latents passed round the ring, e (kv_lora + d_rope) per local token (the all-gather
+alternative would keep the whole sequence's, C times more), but not the
 normalised latent as an up-projection's input (- e kv_lora) nor, in 16 bits, W_kva's output (- e
 (kv_lora + d_rope)); nothing more to drop under selective recompute. Per layer (not per token) it keeps
 W_kvb as read through the layer with the identity it was read with, e kv_lora (H (d_nope + d_v) / T +
 kv_lora) bytes. Its backward working set adds, per micro-batch row, one (query piece, key
-piece) pair's fp32 scores, probabilities and their gradients, 3 x 4 (H / T) (s / 2C)^2, and one key
-piece's up-projected keys and values with their gradients.
+piece) pair's fp32 scores, probabilities and their gradients, 3 x 4 (H / T) (s / 2C)^2, one key
+piece's up-projected keys and values with their gradients, and the ring's blocks in hand and in flight
+with their fp32 gradient accumulators, (2 e + 8) (kv_lora + d_rope) per local token.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def layer_activation_bytes(mcfg: MLAConfig, config: Config, attention: str = "ef
     if dc.cp > 1:  # parallel/context/attention.py: no per-head K/V kept; the gathered latents are
         heads = e * H * (c.qk_head_dim + 2 * c.v_head_dim) / T + 4 * H / T
         latent = c.kv_lora_rank + c.qk_rope_head_dim
-        latents += e * latent * dc.cp - e * c.kv_lora_rank - (e * latent if e == 2 else 0)
+        latents += e * latent - e * c.kv_lora_rank - (e * latent if e == 2 else 0)
         core = 0.0
     mlp = 4 * e * c.intermediate_size / T
     if c.is_moe:  # the larger of a dense and an MoE layer's (every layer is counted alike)
@@ -89,12 +91,14 @@ def layer_activation_bytes(mcfg: MLAConfig, config: Config, attention: str = "ef
 
 def _context_pair_bytes(mcfg: MLAConfig, config: Config) -> float:
     """Transient bytes per row of one (query piece, key piece) pair of the context-parallel attention's
-    backward: fp32 scores, probabilities and their gradients, and a key piece's K, V and their gradients."""
+    backward: fp32 scores, probabilities and their gradients, a key piece's K, V and their gradients, and
+    the ring's latent blocks (in hand, in flight) with their fp32 gradient accumulators."""
     dc, c = config.distributed, mcfg
     e = 2 if config.train.precision in ("bf16", "fp16") else 4
     heads = c.num_heads / (dc.tp or 1)
     piece = config.data.seq_len / (2 * dc.cp)
-    return 3 * 4 * heads * piece**2 + (e + 4) * heads * piece * (c.qk_head_dim + c.v_head_dim)
+    ring = (2 * e + 8) * (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * piece
+    return 3 * 4 * heads * piece**2 + (e + 4) * heads * piece * (c.qk_head_dim + c.v_head_dim) + ring
 
 
 def context_weight_bytes(mcfg: MLAConfig, config: Config) -> float:

@@ -25,7 +25,8 @@ class ContextShard:
 
     `positions`: RoPE positions of the local tokens, (s_local,) or (batch, s_local) with documents.
     `query_documents` (batch, s_local) and `key_documents` (batch, s_local x cp, gathered order): the
-    document ids of the local queries and of every key, or None (plain causal attention)."""
+    document ids of the local queries and of every key, or None (plain causal attention). `ring`: pass
+    the latents round a ring (`ring.py`) instead of gathering them (`exchange.py`)."""
 
     group: dist.ProcessGroup | None
     rank: int
@@ -33,6 +34,7 @@ class ContextShard:
     positions: torch.Tensor
     query_documents: torch.Tensor | None = None
     key_documents: torch.Tensor | None = None
+    ring: bool = False
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
@@ -50,13 +52,14 @@ def context_shard(
     group: dist.ProcessGroup | None,
     document_ids: torch.Tensor | None = None,
     device: torch.device | None = None,
+    ring: bool = False,
 ) -> ContextShard:
     """The shard of a rank holding `local_length` tokens (its two zigzag pieces) of a sequence split over
     `group`; `document_ids` (batch, local_length) are this rank's, in local order."""
     cp, rank = group_size(group), group_rank(group)
     index = zigzag_positions(local_length, rank, cp, device)
     if document_ids is None:
-        return ContextShard(group, rank, cp, index)
+        return ContextShard(group, rank, cp, index, ring=ring)
     if document_ids.shape[1] != local_length:
         raise ValueError(
             f"document_ids of shape {tuple(document_ids.shape)}: expected this rank's {local_length} tokens"
@@ -64,4 +67,4 @@ def context_shard(
     with torch.no_grad():
         gathered = gather_from_group(document_ids.contiguous(), 1, group)
     positions = zigzag_split(document_positions(zigzag_merge(gathered, 1, cp)), 1, rank, cp)
-    return ContextShard(group, rank, cp, positions, document_ids, gathered)
+    return ContextShard(group, rank, cp, positions, document_ids, gathered, ring)
