@@ -5,7 +5,8 @@ gradient, causal attention, fp32, one thread per rank, gloo:
 
 1. Bytes per layer. The collectives of one forward + backward at cp=2 are counted by wrapping
    `torch.distributed.all_gather` / `all_reduce` (received bytes of the all-gather; payload of the
-   all-reduce, which is how gloo emulates the backward's reduce-scatter). The derived minimum for a rank
+   all-reduce, which is how gloo emulates the backward's reduce-scatter) and `batch_isend_irecv` (bytes
+   the ring sends). The derived minimum for a rank
    to see every earlier token's key state is (cp - 1)/cp of the sequence times the numbers per token:
    the latent exchange carries kv_lora_rank + d_rope numbers per token, a K/V exchange (ring attention
    on full heads) num_heads x (d_nope + d_rope + d_v). Both are printed with their ratio, for this
@@ -71,9 +72,10 @@ MATCH_TOLERANCE = 1e-5
 
 @contextlib.contextmanager
 def counting() -> Iterator[dict[str, int]]:
-    """Bytes received by all-gathers and the payload of all-reduces while inside."""
-    counts = {"all_gather": 0, "all_reduce": 0}
-    gather, reduce = dist.all_gather, dist.all_reduce
+    """Bytes received by all-gathers, the payload of all-reduces and the bytes sent point-to-point (the
+    ring) while inside."""
+    counts = {"all_gather": 0, "all_reduce": 0, "p2p_sent": 0}
+    gather, reduce, p2p = dist.all_gather, dist.all_reduce, dist.batch_isend_irecv
 
     def all_gather(chunks, x, group=None, **kw):
         counts["all_gather"] += (len(chunks) - 1) * x.numel() * x.element_size()
@@ -83,11 +85,17 @@ def counting() -> Iterator[dict[str, int]]:
         counts["all_reduce"] += x.numel() * x.element_size()
         return reduce(x, *args, **kw)
 
-    dist.all_gather, dist.all_reduce = all_gather, all_reduce
+    def batch_isend_irecv(ops):
+        counts["p2p_sent"] += sum(
+            o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend
+        )
+        return p2p(ops)
+
+    dist.all_gather, dist.all_reduce, dist.batch_isend_irecv = all_gather, all_reduce, batch_isend_irecv
     try:
         yield counts
     finally:
-        dist.all_gather, dist.all_reduce = gather, reduce
+        dist.all_gather, dist.all_reduce, dist.batch_isend_irecv = gather, reduce, p2p
 
 
 def minimum_bytes(dims: dict, seq: int, batch: int, bytes_per_number: int = 4) -> dict[str, float]:
@@ -190,6 +198,8 @@ def measure(rank: int, world_size: int, seq: int, batch: int, rounds: int) -> di
     error = check()
     with counting() as counts:
         cp2()
+    with counting() as ring_counts:
+        cp2_ring()
     times = interleaved_times(
         {"cp1": cp1, "cp1 latent": cp1_latent, "cp2": cp2, "cp2 ring": cp2_ring}, warmup=1, repeats=rounds
     )
@@ -202,6 +212,7 @@ def measure(rank: int, world_size: int, seq: int, batch: int, rounds: int) -> di
         "bytes": {
             "measured_forward_all_gather": counts["all_gather"],
             "measured_backward_all_reduce": counts["all_reduce"],
+            "measured_ring_sent_forward_and_backward": ring_counts["p2p_sent"],
             "minimum": minimum_bytes(CONFIG, seq, batch),
         },
         "time": {name: summary(t) for name, t in times.items()},
@@ -257,6 +268,10 @@ def main() -> None:
         f"measured forward all-gather: {b['measured_forward_all_gather']:,} B "
         f"({r['forward_bytes_over_minimum']:.3f} x the latent minimum); backward (gloo all-reduce in place "
         f"of reduce-scatter): {b['measured_backward_all_reduce']:,} B payload"
+    )
+    print(
+        f"ring, forward + backward: {b['measured_ring_sent_forward_and_backward']:,} B sent "
+        f"(latents {CP - 1} x forward and {CP - 1} x backward, fp32 gradient accumulators {CP - 1} x)"
     )
     print(
         markdown_table(

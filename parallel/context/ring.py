@@ -3,12 +3,13 @@
 Instead of gathering every rank's latents before attending, the ranks pass them around a ring: at step
 k = 0 .. cp-1 rank r holds the latents (c, RoPE(k_pe)) of rank (r - k) mod cp, attends to them
 (`attention.forward_block`, the same log-sum-exp merge) while the next block is already in flight
-(isend to r + 1, irecv from r - 1). Backward passes the latents around again, each with the gradient
-accumulator of its owner's tokens: rank r adds what its queries contribute, then forwards block and
-accumulator; after cp steps every accumulator is back with its owner (flash attention's backward per
-block, as in `attention.py`). The bytes are the all-gather's ((cp - 1)/cp of the sequence per rank, each
-way); what a ring can buy is hiding them behind attention, and keeping only the local latents for
-backward instead of the gathered ones (it passes them around again).
+(isend to r + 1, irecv from r - 1). Backward passes the latents around again, and behind each block the
+gradient accumulator of its tokens: every rank adds what its queries contribute and sends it on, and
+after the last step it reaches the owner, which adds its own share (flash attention's backward per
+block, as in `attention.py`). Forward moves the all-gather's bytes ((cp - 1)/cp of the sequence per
+rank); backward moves them again plus as many accumulator bytes (fp32), where the all-gather's backward
+is one reduce-scatter. What the ring buys is hiding the transfers behind attention, and keeping only the
+local latents for backward instead of the gathered ones.
 
 The measurement (benchmarks/bench_context_parallel.py, benchmarks/RESULTS.md) decides which path MLA
 uses; see docs/long-context.md.
@@ -60,32 +61,40 @@ def _ring_forward(plan: Plan, query, held, rank_dim: int, weight):
 
 
 def _ring_backward(plan: Plan, grad_out, query, own, rank_dim: int, weight, out, lse):
+    """Gradients of (query, own latents, weight). At step k >= 1 the gradient of the block in hand (plus
+    what the ranks before added, received meanwhile) is sent on; after step cp - 1 it reaches its owner,
+    which adds its own step-0 share: cp - 1 sends of latents and cp - 1 of accumulators."""
     acc = _accumulate(query.dtype)
     cp, rank = plan.shard.size, plan.shard.rank
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
     d_query = torch.zeros_like(query, dtype=acc)
     d_weight = torch.zeros_like(weight, dtype=acc)
-    held, d_held = own, torch.zeros_like(own, dtype=acc)
+    held, d_own, travelling = own, None, None
     for step in range(cp):
         incoming = _shift(held.contiguous(), plan.shard) if step < cp - 1 else None
         source = (rank - step) % cp
         latent, k_rope = held.split([rank_dim, held.shape[-1] - rank_dim], dim=-1)
         saved = (query, latent, k_rope, weight, lse)
+        d_held = torch.zeros_like(own, dtype=acc)
         for local in (0, 1):
             block = 2 * source + local
             if plan.users(block):
-                rows = plan.rows(local)
                 d_c, d_pe = backward_block(plan, block, local, saved, grad_out, delta, d_query, d_weight)
-                d_held[:, rows] += torch.cat([d_c, d_pe], dim=-1)
-        gradients = _shift(
-            d_held, plan.shard, tag=1
-        )  # the accumulator follows its block (home after cp steps)
-        _wait(gradients[1])
-        d_held = gradients[0]
+                d_held[:, plan.rows(local)] += torch.cat([d_c, d_pe], dim=-1)
+        if step == 0:
+            d_own = d_held
+        else:
+            if travelling is not None:  # what the previous ranks added to this block
+                _wait(travelling[1])
+                d_held += travelling[0]
+            travelling = _shift(d_held, plan.shard, tag=1)
         if incoming is not None:
             _wait(incoming[1])
             held = incoming[0]
-    return d_query, d_held, d_weight
+    if travelling is not None:
+        _wait(travelling[1])
+        d_own += travelling[0]
+    return d_query, d_own, d_weight
 
 
 class _RingLatentAttention(torch.autograd.Function):
