@@ -10,9 +10,10 @@ skipped, j = i is lower-triangular, j < i fully visible), with `partial_attentio
 log-sum-exp merge of `merge.py`. Document masking: also only keys of the query's document.
 
 Memory: the autograd function saves only its inputs (queries, the gathered latents: kv_lora_rank + d_rope
-numbers per token, and W_kvb), the output and its LSE (the ring, `ring.py`, keeps only local latents). Per-head keys and values of the whole sequence
-never exist at once, not in forward and not in backward, which recomputes each piece's up-projection
-and, from the saved (o, lse), the piece's probabilities (flash attention's backward, `merge.py`):
+numbers per token, and W_kvb), the output and its LSE (the ring, `ring.py`, keeps only local latents).
+Per-head keys and values of the whole sequence never exist at once, not in forward and not in backward,
+which recomputes each piece's up-projection and, from the saved (o, lse), the piece's probabilities
+(flash attention's backward, `merge.py`):
 
     dV_j = P^T dO      dS = P (dO V_j^T - D) scale      dQ += dS K_j      dK_j = dS^T Q
     dc_j = [dk_nope, dv]_j W_kvb^T      dW_kvb += c_j^T [dk_nope, dv]_j      dk_pe_j = sum_heads dk_rope

@@ -11,11 +11,11 @@ their keys and values, num_heads x (d_nope + d_rope + d_v) numbers (128 x 320 = 
 DeepSeek-V2: 71x more). k_pe is rotated before the exchange, with the token's true position, so the
 receiver needs no positions (RoPE is applied once per token, where the token lives).
 
-`exchange_latents` is an all-gather along the sequence over the cp group (the alternative to passing
-the latents round a ring, `ring.py`, which measured faster and is MLA's default); its backward is the
-adjoint, a reduce-scatter: the gradient of every gathered token, summed over the ranks whose queries used it, goes
-back to the rank that owns the token. Each rank receives (cp - 1)/cp of the sequence's latents, which is
-also the least any scheme can move (every query must see every earlier token's state once).
+`exchange_latents` is an all-gather along the sequence over the cp group (the alternative to passing the
+latents round a ring, `ring.py`, which measured faster and is MLA's default); its backward is the
+adjoint, a reduce-scatter: the gradient of every gathered token, summed over the ranks whose queries used
+it, goes back to the rank that owns the token. Each rank receives (cp - 1)/cp of the sequence's latents,
+which is also the least any scheme can move (every query must see every earlier token's state once).
 """
 
 from __future__ import annotations
