@@ -374,6 +374,24 @@ def expert_parallel(r: dict) -> list[dict]:
     ]
 
 
+def context_parallel(r: dict) -> list[dict]:
+    """Latent exchange bytes against the derived minimum; K/V / latent bytes; cp=2 attention speed-up;
+    activation memory per rank against the estimator at cp=2."""
+    cp2 = [x for x in items(r, "memory") if get(x, "cp") == 2] or [{}]
+    return [
+        headline(
+            "latent all-gather bytes / derived minimum", num(r, "forward_bytes_over_minimum"), at_most(1.0)
+        ),
+        headline(
+            "K/V / latent bytes per token, DeepSeek-V2", num(r, "deepseek_v2_32k_bf16", "kv_over_latent")
+        ),
+        headline(f"cp=2 attention speed-up over cp=1, {get(r, 'seq')} tokens", num(r, "speedup_paired")),
+        headline("cp=2 speed-up over cp=1, same latent attention", num(r, "speedup_over_latent_cp1_paired")),
+        headline("cp=2 ring / all-gather step time", num(r, "ring_over_all_gather_paired")),
+        headline("cp=2 saved activations / estimate", num(cp2[0], "measured_over_estimate")),
+    ]
+
+
 def async_save(r: dict) -> list[dict]:
     """Training time lost to a checkpoint save, asynchronous over synchronous."""
     return [
@@ -398,6 +416,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[dict]]] = {
     "bench_moe": moe,
     "bench_expert_parallel": expert_parallel,
     "bench_async_save": async_save,
+    "bench_context_parallel": context_parallel,
 }
 
 

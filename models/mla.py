@@ -45,6 +45,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import MLAConfig
 from parallel.collectives import copy_to_group, group_size
+from parallel.context import ContextShard, document_positions, exchange_latents, latent_attention
+from parallel.context.ring import ring_latent_attention
 from parallel.pipeline.deferred_wgrad import Linear
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
@@ -150,15 +152,10 @@ def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     restart at 0 in each document; mask[b, 0, i, j] = (j <= i) and ids[b, i] == ids[b, j]: block-diagonal
     causal attention, so no token sees another document.
     """
-    b, s = document_ids.shape
-    index = torch.arange(s, device=document_ids.device)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    positions = index - first
+    index = torch.arange(document_ids.shape[1], device=document_ids.device)
     same = document_ids[:, :, None] == document_ids[:, None, :]
     causal = index[None, :] <= index[:, None]
-    return positions, (same & causal).unsqueeze(1)
+    return document_positions(document_ids), (same & causal).unsqueeze(1)
 
 
 @dataclass
@@ -205,10 +202,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.recompute_core = False  # selective activation recompute (see _core)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        context: ContextShard | None = None,
     ) -> torch.Tensor:
         """Causal attention; with `attn_mask` (batch, 1, seq, seq), True where a query may attend (e.g.
-        `document_attention` of packed documents), that mask replaces the causal one."""
+        `document_attention` of packed documents), that mask replaces the causal one. With `context`, x
+        holds this rank's zigzag pieces of a sequence split over a context-parallel group
+        (`_context_parallel`)."""
+        if context is not None:
+            return self.o_proj(self._context_parallel(x, context))
         b, s, _ = x.shape
         heads = self.local_heads
         q_nope, q_pe = self._queries(x)
@@ -227,6 +232,29 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._core(q_nope, q_pe, k_nope, k_pe, v, positions, attn_mask)
         out = out.transpose(1, 2).reshape(b, s, heads * self.d_v)
         return self.o_proj(out)
+
+    def _context_parallel(self, x: torch.Tensor, context: ContextShard) -> torch.Tensor:
+        """Attention of the local tokens over the whole sequence (parallel/context/): the latents
+        RMSNorm(c_kv) and RoPE(k_pe) are exchanged over the cp group and up-projected piece by piece by
+        this rank's heads of W_kvb (read as `kv_b_proj(I)`, so LoRA and NF4 bases work)."""
+        if self.training and self.dropout > 0:
+            raise ValueError(
+                f"model.dropout={self.dropout} with context parallelism (cp > 1) is not supported"
+            )
+        b, s, _ = x.shape
+        q_nope, q_pe = self._queries(x)
+        query = torch.cat([q_nope, self.rotary(q_pe, context.positions)], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.d_rope], dim=-1)
+        # both reach the head-sharded computation without a column-parallel layer: sum their gradients
+        latent = copy_to_group(self.kv_a_layernorm(c_kv), self.group)
+        k_pe = self.rotary(copy_to_group(k_pe, self.group).unsqueeze(1), context.positions).squeeze(1)
+        eye = torch.eye(self.config.kv_lora_rank, device=x.device, dtype=k_pe.dtype)
+        if context.ring:
+            attend = ring_latent_attention
+        else:
+            attend, (latent, k_pe) = latent_attention, exchange_latents(latent, k_pe, context.group)
+        out = attend(query, latent, k_pe, self.kv_b_proj(eye), context, self.scale, self.d_nope)
+        return out.transpose(1, 2).reshape(b, s, self.local_heads * self.d_v)
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_nope, q_pe) of x (batch, seq, hidden), each (batch, local_heads, seq, d), before RoPE."""

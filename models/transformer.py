@@ -57,6 +57,7 @@ from parallel.collectives import (
     group_rank,
     group_size,
 )
+from parallel.context import ContextShard, context_shard
 from parallel.tensor import (
     SEQUENCE_DIM,
     ColumnParallelLinear,
@@ -83,12 +84,16 @@ class DecoderLayer(nn.Module):
         self.sequence_parallel = False  # x arrives split along the sequence (see the module docstring)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        context: ContextShard | None = None,
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.sequence_parallel:
             h = gather_from_group(h, SEQUENCE_DIM, self.group)
-        x = x + self._dropout(self.self_attn(h, positions, attn_mask))
+        x = x + self._dropout(self.self_attn(h, positions, attn_mask, context))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def _dropout(self, y: torch.Tensor) -> torch.Tensor:
@@ -166,11 +171,15 @@ class MLABackbone(nn.Module):
         self.group = group
         self.recompute = "none"  # none | full | selective
         self.sequence_parallel = False  # hidden states between layers are split along the sequence
+        self.cp_group = None  # the sequence is split over this context-parallel group (None: not split)
+        self.cp_ring = True  # latents passed round a ring (else all-gathered): parallel/context/
 
     def forward(self, inputs: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (batch, seq) on the first stage, hidden states (batch, seq, hidden) elsewhere (under
         sequence parallelism: this rank's slice of the sequence, and so is the output). `document_ids`
-        (batch, seq), always the whole sequence, switch on document masking (`document_attention`)."""
+        (batch, seq), always the whole sequence, switch on document masking (`document_attention`).
+        Under context parallelism (`cp_group`) "the sequence" is this rank's zigzag pieces of it, and so
+        are `document_ids` (parallel/context/)."""
         tp = group_size(self.group) if self.sequence_parallel else 1
         seq = inputs.shape[1] * (1 if self.stage.is_first else tp)
         if seq % tp:
@@ -178,7 +187,10 @@ class MLABackbone(nn.Module):
                 f"sequence length {seq} is not divisible by tp={tp} (distributed.sequence_parallel=true)"
             )
         x = self.embed_tokens(inputs) if self.stage.is_first else inputs
-        positions, mask = torch.arange(seq, device=x.device), None
+        positions, mask, context = torch.arange(seq, device=x.device), None, None
+        if self.cp_group is not None:
+            context = context_shard(seq, self.cp_group, document_ids, x.device, self.cp_ring)
+            positions, document_ids = context.positions, None
         if document_ids is not None:
             if document_ids.shape != (x.shape[0], seq):
                 raise ValueError(
@@ -188,9 +200,9 @@ class MLABackbone(nn.Module):
             positions, mask = document_attention(document_ids.to(x.device))
         for layer in self.layers.values():
             if self.recompute == "full" and self.training:
-                x = checkpoint(layer, x, positions, mask, use_reentrant=False)
+                x = checkpoint(layer, x, positions, mask, context, use_reentrant=False)
             else:
-                x = layer(x, positions, mask)
+                x = layer(x, positions, mask, context)
         return self.norm(x) if self.stage.is_last else x
 
 
@@ -198,7 +210,8 @@ class MLATransformer(nn.Module):
     """The model, or one pipeline stage of it (`stage`), sharded over `topology.tp_group`.
 
     With `stage=None` it holds everything. A stage that is not the last returns hidden states from
-    `forward`; only the last stage has the head and `loss`.
+    `forward`; only the last stage has the head and `loss`. With `topology.cp_size` > 1 the model runs on
+    this rank's zigzag pieces of each sequence (`set_context_parallel`, parallel/context/).
     """
 
     def __init__(
@@ -223,6 +236,8 @@ class MLATransformer(nn.Module):
         self.vocab_valid_local = max(0, min(local_vocab, config.vocab_size - tp_rank * local_vocab))
         self.tp_rank, self.tp_size = tp_rank, tp
         self.sequence_parallel = False
+        self.cp_size = 1
+        self.set_context_parallel(topology.cp_group if topology is not None else None)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -260,6 +275,20 @@ class MLATransformer(nn.Module):
         self.model.recompute = mode
         for layer in self.model.layers.values():
             layer.self_attn.recompute_core = mode == "selective"
+
+    def set_context_parallel(self, group, ring: bool = True) -> None:
+        """Split every sequence over the context-parallel `group` (None: whole sequences, as for
+        generation): inputs, targets and document ids are then this rank's zigzag pieces. The latents
+        travel round a ring (`ring`, the faster measured; docs/long-context.md) or are all-gathered."""
+        cp = group_size(group)
+        if cp > 1 and self.config.is_moe:
+            raise ValueError(
+                f"distributed.cp={cp} with mixture-of-experts layers is not supported: the router's "
+                "sequence-level balance loss needs the whole sequence"
+            )
+        self.model.cp_group = group if cp > 1 else None
+        self.model.cp_ring = ring
+        self.cp_size = cp
 
     def set_sequence_parallel(self, enabled: bool) -> None:
         """Split norms, residuals and dropout along the sequence inside TP regions (module docstring).
@@ -307,10 +336,9 @@ class MLATransformer(nn.Module):
         if inputs.dim() != expected_dim:
             what = "input_ids (batch, seq)" if self.stage.is_first else "hidden states (batch, seq, hidden)"
             raise ValueError(f"expected {what}, got shape {tuple(inputs.shape)}")
-        if inputs.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length {inputs.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
-            )
+        seq = inputs.shape[1] * self.cp_size
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}")
         hidden = self.model(inputs, document_ids)
         if not self.stage.is_last:
             return hidden

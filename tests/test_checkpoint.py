@@ -238,8 +238,10 @@ def test_manifest_describes_every_tensor_and_file(tmp_path):
     assert manifest["layout"] == {
         "world_size": 2,
         "dp": 1,
+        "cp": 1,
         "tp": 2,
         "pp": 1,
+        "ep": 1,
         "model_chunks": 1,
         "zero_stage": None,
         "optimizer": "AdamW8bit",

@@ -186,7 +186,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str)
         ("distributed.pp_schedule=zigzag", ["distributed.pp_schedule='zigzag'"]),
         ("data.seq_len=128", ["data.seq_len=128", "model.max_seq_len=64"]),
         ("model.vocab_size=300", ["model.vocab_size=300", "token id"]),
-        ("distributed.dp=2", ["dp*tp*pp", "world size 1"]),
+        ("distributed.dp=2", ["dp*cp*tp*pp", "world size 1"]),
         ("distributed.num_microbatches=3", ["distributed.num_microbatches=3", "does not divide"]),
     ],
 )
@@ -212,7 +212,7 @@ def test_empty_corpus_is_a_one_line_error(tmp_path):
 def test_world_size_mismatch_and_indivisible_heads_fail_fast_under_torchrun(cache_dir, tmp_path):
     common = [*TINY, f"data.cache_dir={cache_dir}", f"train.out_dir={tmp_path}"]
     _assert_one_line_error(
-        run_cli([*common, "distributed.dp=3"], nproc=2, timeout=120), "dp*tp*pp", "world size 2"
+        run_cli([*common, "distributed.dp=3"], nproc=2, timeout=120), "dp*cp*tp*pp", "world size 2"
     )
     result = run_cli([*common, "distributed.tp=2", "model.num_heads=3"], nproc=2, timeout=120)
     _assert_one_line_error(result, "model.num_heads=3 is not divisible by tp=2")

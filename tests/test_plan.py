@@ -29,7 +29,9 @@ def test_the_three_questions_get_fitting_layouts(config, gpu, precision, capsys)
     assert layouts and all(KEYS <= set(x) for x in layouts)
     for x in layouts:
         assert x["fits"] and x["bytes_per_gpu"] <= gpu_preset(gpu).memory_gib * GIB
-        assert x["dp"] * x["tp"] * x["pp"] == 2 and x["precision"] == precision  # no bf16 on V100/T4
+        assert (
+            x["dp"] * x["cp"] * x["tp"] * x["pp"] == 2 and x["precision"] == precision
+        )  # no bf16 on V100/T4
     speeds = [x["tokens_per_s"] for x in layouts]
     assert speeds == sorted(speeds, reverse=True)
 

@@ -134,6 +134,15 @@ SYNTHETIC = {
     },
     "bench_moe": {"cases": [{"case": "8 experts, k 2", "moe_over_dense": 1.5}]},
     "bench_expert_parallel": {"bytes_over_minimum": 1.0, "ep2_over_ep1": 1.3, "memory_ep2_over_ep1": 0.5},
+    "bench_context_parallel": {
+        "seq": 2048,
+        "forward_bytes_over_minimum": 1.0,
+        "deepseek_v2_32k_bf16": {"kv_over_latent": 71.1},
+        "speedup_paired": 1.8,
+        "speedup_over_latent_cp1_paired": 1.7,
+        "ring_over_all_gather_paired": 1.02,
+        "memory": [{"cp": 1, "measured_over_estimate": 0.9}, {"cp": 2, "measured_over_estimate": 1.01}],
+    },
 }
 
 
@@ -213,6 +222,14 @@ def test_headlines_from_synthetic_json():
         "KV cache bytes MHA / MLA, README default": 4.0,
     }
     assert values(rows["bench_moe"]) == {"MoE / dense MLP step time, 8 experts, k 2": 1.5}
+    assert values(rows["bench_context_parallel"]) == {
+        "latent all-gather bytes / derived minimum": 1.0,
+        "K/V / latent bytes per token, DeepSeek-V2": 71.1,
+        "cp=2 attention speed-up over cp=1, 2048 tokens": 1.8,
+        "cp=2 speed-up over cp=1, same latent attention": 1.7,
+        "cp=2 ring / all-gather step time": 1.02,
+        "cp=2 saved activations / estimate": 1.01,
+    }
 
 
 @pytest.mark.parametrize("data", [{}, {"variants": "x", "runs": [1, None], "rows": {}, "memory": [[]]}, []])

@@ -67,8 +67,9 @@ def build_model(config: Config, mcfg: MLAConfig, topology: Topology) -> ModelPar
 
 def build_optimizer(parts: ModelParts, config: Config, topology: Topology) -> torch.optim.Optimizer:
     """AdamW (`optim.name: adamw`) or 8-bit AdamW (`adamw8bit`), weight decay on matrices only (not on
-    norms and biases); wrapped in a ZeroOptimizer over the dp group when `uses_zero(config)` (expert
-    parameters' state over the expert-data-parallel group when ep > 1)."""
+    norms and biases); wrapped in a ZeroOptimizer over the dp x cp group (every rank holding the same
+    parameters) when `uses_zero(config)`, expert parameters' state over the expert-data-parallel group
+    when ep > 1."""
     parts = ModelParts.of(parts)
     params = [p for p in parts.parameters() if p.requires_grad]
     groups = [
@@ -91,7 +92,7 @@ def build_optimizer(parts: ModelParts, config: Config, topology: Topology) -> to
         groups,
         inner_cls,
         dc.zero_stage,
-        topology.dp_group,
+        topology.dp_cp_group,
         dc.offload_optimizer,
         dc.bucket_cap_mb,
         units,
@@ -103,7 +104,7 @@ def build_optimizer(parts: ModelParts, config: Config, topology: Topology) -> to
 def build_runner(
     parts: ModelParts, layout: Layout, topology: Topology, optimizer: torch.optim.Optimizer
 ) -> ModelRunner:
-    """The runner of `parts`; a ZeroOptimizer, when there is one, averages the gradients over dp."""
+    """The runner of `parts`; a ZeroOptimizer, when there is one, averages the gradients over dp x cp."""
     dc = layout.config.distributed
     return ModelRunner(
         parts,

@@ -136,7 +136,8 @@ class Checkpointer:
         saved = info["layout"]
         context.log(
             f"resumed from {path} (step {info['step']}, {info['tokens']:,} tokens; saved under "
-            f"dp={saved['dp']} tp={saved['tp']} pp={saved['pp']} zero_stage={saved['zero_stage']}; "
+            f"dp={saved['dp']} cp={saved.get('cp', 1)} ep={saved.get('ep', 1)} tp={saved['tp']} "
+            f"pp={saved['pp']} zero_stage={saved['zero_stage']}; "
             + ("same layout: RNG states restored)" if info["same_layout"] else "another layout: re-sharded)")
         )
         rank_state = info["rank_state"]

@@ -82,7 +82,8 @@ class DistributedConfig:
     pp: int = 1
     """Pipeline stages (>= 1)."""
     cp: int = 1
-    """Context-parallel size (>= 1): each sequence split over this many ranks (see the long-context guide)."""
+    """Context-parallel size (>= 1): each sequence split over this many ranks, in 2 cp zigzag pieces
+    (`data.seq_len` divisible by 2 cp; not with MoE layers or dropout); see docs/long-context.md."""
     ep: int = 1
     """Expert-parallel size (>= 1; divides dp): the routed experts split over this many of the data-parallel
     ranks (see the MoE guide)."""

@@ -86,7 +86,7 @@ class RunContext:
         layout = (
             f"dp={dp} tp={tp} pp={pp}" + (f" cp={cp}" if cp > 1 else "") + (f" ep={ep}" if ep > 1 else "")
         )
-        if dist_cfg.dp is None and dist_cfg.tp is None and pp == 1 and world > 1:
+        if dist_cfg.dp is None and dist_cfg.tp is None and pp == 1 and cp == 1 and world > 1:
             layout += (
                 f" (chosen from world size {world}: data parallel; set distributed.tp to shard the model)"
             )

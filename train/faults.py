@@ -129,7 +129,14 @@ def set_collective_timeout(topology: Topology, seconds: float) -> None:
     if not topology.is_distributed:
         return
     timeout = datetime.timedelta(seconds=seconds)
-    for group in {None, topology.tp_group, topology.dp_group, topology.pp_group}:
+    groups = (
+        topology.tp_group,
+        topology.dp_group,
+        topology.pp_group,
+        topology.cp_group,
+        topology.dp_cp_group,
+    )
+    for group in {None, *groups}:
         dist.distributed_c10d._set_pg_timeout(timeout, group)  # no public API to change it after creation
 
 

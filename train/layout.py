@@ -95,7 +95,9 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
         if problem:
             return problem
     if dc.cp > 1:
-        return f"distributed.cp={dc.cp}: context parallelism is not implemented yet (use cp=1)"
+        problem = _context_parallel_problem(config, mcfg)
+        if problem:
+            return problem
     if dc.zero_stage == 3 and dc.pp > 1 and dc.pp_schedule == "zb1p":
         return (
             "distributed.pp_schedule='zb1p' with distributed.zero_stage=3: zero-bubble defers weight "
@@ -133,6 +135,37 @@ def unsupported(config: Config, mcfg: MLAConfig) -> str | None:
             f"distributed.tp={dc.tp} ranks, so it must be divisible by it"
         )
     return _nf4_split_problem(config, mcfg)
+
+
+def _context_parallel_problem(config: Config, mcfg: MLAConfig) -> str | None:
+    """What context parallelism (cp > 1) cannot run with: each sequence is cut into 2 cp zigzag pieces
+    (and each rank's part over tp under sequence parallelism); attention runs in parallel/context/."""
+    dc, seq, tc = config.distributed, config.data.seq_len, config.train
+    cp, tp = dc.cp, dc.tp or 1
+    if mcfg.is_moe:
+        return (
+            f"distributed.cp={cp} with mixture-of-experts layers (model.n_routed_experts="
+            f"{mcfg.n_routed_experts}) is not supported: the router's balance loss needs the whole sequence"
+        )
+    if seq % (2 * cp):
+        return (
+            f"data.seq_len={seq}: distributed.cp={cp} splits each sequence into 2 x cp pieces, so it must "
+            f"be divisible by {2 * cp}"
+        )
+    if dc.sequence_parallel and tp > 1 and (seq // cp) % tp:
+        return (
+            f"data.seq_len={seq}: with distributed.cp={cp} and sequence_parallel over distributed.tp={tp}, "
+            f"each rank's {seq // cp} tokens must be divisible by tp"
+        )
+    if mcfg.dropout > 0:
+        return f"model.dropout={mcfg.dropout} with distributed.cp={cp} is not supported (use dropout 0)"
+    if config.lora.enabled and config.lora.dropout > 0:
+        return f"lora.dropout={config.lora.dropout} with distributed.cp={cp} is not supported (use dropout 0)"
+    if tc.curriculum_start_seq_len is not None:
+        return (
+            f"train.curriculum_start_seq_len with distributed.cp={cp} is not supported (one sequence length)"
+        )
+    return None
 
 
 @functools.lru_cache(maxsize=16)

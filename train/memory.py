@@ -1,8 +1,9 @@
 """Memory estimator: the bytes one GPU needs for a training configuration, before launch.
 
 Per rank, with P the parameters this rank holds (its TP shard of its pipeline stage; vocabularies and
-column-parallel outputs padded to a multiple of tp, as the layers pad them), N the dp size, and w the
-parameter bytes (2 for bf16/fp16, 4 for fp32):
+column-parallel outputs padded to a multiple of tp, as the layers pad them), N the dp x cp size (every
+rank holding the same parameters: ZeRO shards over dp and cp together), and w the parameter bytes (2 for
+bf16/fp16, 4 for fp32):
 
     parameters          w P (frozen LoRA bases too; NF4 bases: 4.127 bits each, see parallel/quant.py);
                         ZeRO-3: w P / N for the trainable ones, plus two whole units (gather + prefetch)
@@ -255,7 +256,15 @@ _STATE_CACHE: dict[tuple, tuple[dict[str, int], dict[str, int], int, tuple[int, 
 def _state_key(config: Config, mcfg: MLAConfig, pp_rank: int) -> tuple:
     dc, lc = config.distributed, config.lora
     lora = (lc.r, str(lc.targets), lc.quantize_base) if lc.enabled else None
-    layout = (dc.tp or 1, dc.dp or 1, dc.pp, dc.ep, dc.virtual_stages, str(dc.pp_layers), dc.zero_stage)
+    layout = (
+        dc.tp or 1,
+        (dc.dp or 1) * dc.cp,
+        dc.pp,
+        dc.ep,
+        dc.virtual_stages,
+        str(dc.pp_layers),
+        dc.zero_stage,
+    )
     options = (dc.offload_optimizer, dc.bucket_cap_mb, config.optim.name, config.train.precision, lora)
     return (json.dumps(mcfg.to_dict(), sort_keys=True), pp_rank, *layout, *options)
 
@@ -276,7 +285,7 @@ def model_state(
 
 def _model_state(config: Config, mcfg: MLAConfig, pp_rank: int):
     dc, tc = config.distributed, config.train
-    tp, dp = dc.tp or 1, dc.dp or 1
+    tp, dp = dc.tp or 1, (dc.dp or 1) * dc.cp  # ZeRO shards over dp x cp
     w = 2 if tc.precision in ("bf16", "fp16") else 4
     chunks = list(rank_stages(config, mcfg, pp_rank).values())
     lora = config.lora if config.lora.enabled else None

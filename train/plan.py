@@ -2,21 +2,25 @@
 
     python -m train.plan --config FILE --gpus N --gpu NAME [--gpu-memory GiB] [--json] [--top K]
 
-Search space: every (dp, tp, pp) with dp tp pp = N, tp at most 8 and dividing the heads and the MLP
-width, pp at most the layers, dp dividing the global batch; for an MoE model every expert-parallel size ep
-dividing dp and the routed experts; ZeRO stage 0 (and 1, 2, 3 when dp > 1);
+Search space: every (dp, cp, tp, pp) with dp cp tp pp = N, tp at most 8 and dividing the heads and the
+MLP width, pp at most the layers, dp dividing the global batch, cp (context parallelism) dividing the
+sequence into 2 cp pieces; for an MoE model every expert-parallel size ep dividing dp and the routed
+experts; ZeRO stage 0 (and 1, 2, 3 when dp cp > 1);
 optimizer offload off/on; the config's optimizer and AdamW8bit; recompute none/selective/full; sequence
 parallelism off/on when tp > 1; every micro-batch size dividing the per-rank batch; minus the
 combinations the trainer refuses (train/layout.py: ZeRO-3 with zb1p or tied embeddings, pp > 1 with tied
-embeddings, sequence parallelism with a sequence length tp does not divide). The config's precision is
-kept, except that bf16 becomes fp16 (with loss scaling) on GPUs without bf16 (V100, T4). Its LoRA
+embeddings, sequence parallelism with a sequence length tp does not divide, cp > 1 with MoE or dropout).
+Context parallelism is searched only for long sequences (`data.seq_len` >= 8192, or the config's own
+`distributed.cp` > 1): shorter ones fit without it. The config's precision is kept, except that bf16
+becomes fp16 (with loss scaling) on GPUs without bf16 (V100, T4). Its LoRA
 settings, schedule and sequence length are kept. A layout fits when train/memory.py's estimate plus its
 margin is at most the GPU's memory (`--gpu-memory` overrides the preset's).
 
 Throughput model (for ranking; stated, not measured): a step takes
 
-    t = t_compute / (1 - bubble) + t_tp + t_ep + t_dp + t_offload
+    t = t_compute / (1 - bubble) + t_tp + t_cp + t_ep + t_dp + t_offload
     t_compute = tokens x F / N / (peak x eff),   eff = 0.6 x b / (b + 1024), b = tokens per micro-batch
+                and rank (the sequence divided by cp; the zigzag split balances causal attention)
     F         = train.flops.flops_per_token (6 N_matmul + attention), 4 instead of 6 N_matmul with LoRA
                 (no weight gradients for frozen weights); plus one forward (a third of the full model's
                 F) with full recompute, or a third of the attention FLOPs with selective
@@ -25,10 +29,12 @@ Throughput model (for ranking; stated, not measured): a step takes
                 of b h e bytes per layer and micro-batch, 2 (tp-1)/tp of them over the GPU link
     t_ep      = 4 all-to-alls (dispatch and combine, forward and backward; 6 with full recompute) of
                 b k h e bytes per MoE layer and micro-batch, (ep-1)/ep of them leaving the rank
-    t_dp      = the fp32 gradient all-reduce 2 (dp-1)/dp 4 P (P: trainable parameters per rank, the
-                routed experts' divided by ep, LoRA adapters counted as 1% of the weights), plus for
-                ZeRO >= 1 the all-gather of the updated weights, plus for ZeRO-3 two parameter
-                all-gathers per micro-batch (over 25 GB/s when N > 8: between machines)
+    t_cp      = the latent all-gather (forward) and reduce-scatter (backward) of (cp-1)/cp of each
+                sequence's kv_lora + d_rope numbers per token and layer (1.5x with full recompute)
+    t_dp      = the fp32 gradient all-reduce over the R = dp x cp replicas, 2 (R-1)/R 4 P (P: trainable
+                parameters per rank, the routed experts' divided by ep, LoRA adapters counted as 1% of the
+                weights), plus for ZeRO >= 1 the all-gather of the updated weights, plus for ZeRO-3 two
+                parameter all-gathers per micro-batch (over 25 GB/s when N > 8: between machines)
     t_offload = gradients down and weights up over PCIe (16 GB/s), and the CPU optimizer at 1e9
                 parameters/s (AdamW8bit 0.3e9)
 
@@ -66,6 +72,7 @@ CPU_ADAM_PARAMS_S = {"adamw": 1e9, "adamw8bit": 0.3e9}  # CPU optimizer step, pa
 PEAK_EFFICIENCY = 0.6  # fraction of the tensor-core peak that large training matmuls reach
 HALF_EFFICIENCY_TOKENS = 1024  # tokens per micro-batch at which that efficiency is halved
 LORA_TRAINABLE_FRACTION = 0.01  # adapters of rank 8-16 on every linear: about 1% of the weights
+LONG_CONTEXT = 8192  # sequence length from which context parallelism is searched
 TP_ROUNDS = 4  # tensor-parallel all-reduces per layer and micro-batch (Megatron): 2 forward, 2 backward
 
 
@@ -83,6 +90,7 @@ class Candidate:
         dc, tc = self.config.distributed, self.config.train
         return {
             "dp": dc.dp,
+            "cp": dc.cp,
             "tp": dc.tp,
             "pp": dc.pp,
             "ep": dc.ep,
@@ -129,11 +137,12 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
             continue
         if mcfg.is_moe and mcfg.moe_intermediate_size % tp:
             continue
-        for pp in _divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            if pp > mcfg.num_layers or tc.global_batch_size % dp:
+        cps = _divisors(gpus // tp) if config.data.seq_len >= LONG_CONTEXT or dc.cp > 1 else [1]
+        for pp, cp in itertools.product(_divisors(gpus // tp), cps):
+            dp = gpus // (tp * pp * cp)
+            if dp * cp * tp * pp != gpus or pp > mcfg.num_layers or tc.global_batch_size % dp:
                 continue
-            stages = [0] + ([1, 2, 3] if dp > 1 else [])
+            stages = [0] + ([1, 2, 3] if dp * cp > 1 else [])
             eps = [e for e in _divisors(dp) if mcfg.is_moe and mcfg.n_routed_experts % e == 0] or [1]
             for ep, zero, offload, opt, recompute, sp in itertools.product(
                 eps, stages, (False, True), optimizers, ("none", "selective", "full"), (False, True)
@@ -151,6 +160,7 @@ def layouts(config: Config, mcfg: MLAConfig, gpus: int, gpu: GPU) -> list[Config
                         distributed=replace(
                             dc,
                             dp=dp,
+                            cp=cp,
                             tp=tp,
                             pp=pp,
                             ep=ep,
@@ -178,7 +188,7 @@ def _bubble(schedule: str, p: int, m: int, v: int) -> float:
 def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]:
     """(tokens/s, MFU) of the throughput model in the module docstring."""
     dc, tc = config.distributed, config.train
-    gpus, seq = dc.dp * dc.tp * dc.pp, config.data.seq_len
+    gpus, seq = dc.dp * dc.cp * dc.tp * dc.pp, config.data.seq_len
     mbs, m = batch_split(config, dc.dp)
     model_flops = flops_per_token(mcfg, seq)
     if config.lora.enabled:  # frozen weights get no weight gradient
@@ -189,7 +199,7 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     elif dc.recompute == "selective":
         flops += attention_flops_per_token(mcfg, seq) / 3
     tokens = tc.global_batch_size * seq
-    b = mbs * seq
+    b = mbs * seq / dc.cp
     t_compute = (
         tokens * flops / gpus / (gpu.peak_tflops * 1e12 * PEAK_EFFICIENCY * b / (b + HALF_EFFICIENCY_TOKENS))
     )
@@ -210,13 +220,19 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
     routed = (
         moe_layers * (mcfg.n_routed_experts or 0) * 3 * mcfg.hidden_size * (mcfg.moe_intermediate_size or 0)
     )
+    t_cp = 0.0
+    if dc.cp > 1:
+        rounds = 2 * (1.5 if dc.recompute == "full" else 1)
+        latent = mcfg.kv_lora_rank + mcfg.qk_rope_head_dim
+        t_cp = rounds * layers * m * (dc.cp - 1) / dc.cp * mbs * seq * latent * e / link
     trainable = (mcfg.num_parameters() - routed * (1 - 1 / dc.ep)) / (dc.tp * dc.pp)
     if config.lora.enabled:
         trainable *= LORA_TRAINABLE_FRACTION
     t_dp = 0.0
-    if dc.dp > 1:
+    replicas = dc.dp * dc.cp
+    if replicas > 1:
         dp_link = min(link, INTER_NODE_GB_S * 1e9) if gpus > GPUS_PER_NODE else link
-        share = (dc.dp - 1) / dc.dp
+        share = (replicas - 1) / replicas
         t_dp = 2 * share * 4 * trainable / dp_link
         if dc.zero_stage >= 1:
             t_dp += share * 4 * trainable / dp_link
@@ -224,9 +240,9 @@ def throughput(config: Config, mcfg: MLAConfig, gpu: GPU) -> tuple[float, float]
             t_dp += 2 * m * share * e * trainable / dp_link
     t_offload = 0.0
     if dc.offload_optimizer:
-        shard = trainable / (dc.dp if dc.zero_stage else 1)
+        shard = trainable / (replicas if dc.zero_stage else 1)
         t_offload = 8 * shard / (PCIE_GB_S * 1e9) + shard / CPU_ADAM_PARAMS_S[config.optim.name]
-    t = t_compute / (1 - bubble) + t_tp + t_ep + t_dp + t_offload
+    t = t_compute / (1 - bubble) + t_tp + t_cp + t_ep + t_dp + t_offload
     tokens_per_s = tokens / t
     return tokens_per_s, tokens_per_s * model_flops / (gpus * gpu.peak_tflops * 1e12)
 
@@ -301,14 +317,16 @@ def explain_oom(config: Config, mcfg: MLAConfig, gpus: int, device_name: str, to
 
 
 def _table(candidates: list[Candidate]) -> str:
-    head = f"{'dp':>3}{'tp':>3}{'pp':>3} {'zero':>4} {'offl':>4} {'optim':<9} {'recompute':<9} {'sp':<3}"
+    head = f"{'dp':>3}{'cp':>3}{'tp':>3}{'pp':>3} {'zero':>4} {'offl':>4} {'optim':<9} "
+    head += f"{'recompute':<9} {'sp':<3}"
     head += f"{'mbs':>4} {'GiB/GPU':>8} {'host GiB':>8} {'tok/s':>9} {'MFU':>6}"
     rows = [head]
     for c in candidates:
         x = c.layout()
         offload, sp = ("yes" if x[k] else "no" for k in ("offload_optimizer", "sequence_parallel"))
         rows.append(
-            f"{x['dp']:>3}{x['tp']:>3}{x['pp']:>3} {x['zero_stage']:>4} {offload:>4} {x['optimizer']:<9} "
+            f"{x['dp']:>3}{x['cp']:>3}{x['tp']:>3}{x['pp']:>3} {x['zero_stage']:>4} {offload:>4} "
+            f"{x['optimizer']:<9} "
             f"{x['recompute']:<9} {sp:<3}{x['micro_batch_size']:>4} "
             f"{c.estimate.total / GIB:>8.1f} {c.estimate.host_total / GIB:>8.1f} "
             f"{c.tokens_per_s:>9,.0f} {c.mfu:>6.1%}"

@@ -3,9 +3,11 @@
 Without pipeline parallelism a training step runs the micro-batches one after the other, all but the
 last inside `no_sync()`, so the data-parallel all-reduce overlaps the last backward. With pipeline
 parallelism the `PipelineExecutor` runs the configured schedule inside `no_sync()` of every chunk and
-the gradients are averaged over dp once afterwards. Either way a step returns this rank's share of the
-global-batch mean loss (`reduce_loss` combines the shares), and evaluation, sampling and the full
-weights work the same for every layout.
+the gradients are averaged over dp once afterwards. Under context parallelism each rank of a cp group
+takes its zigzag pieces of the same rows, the gradients are averaged over dp x cp (`dp_cp_group`: every
+rank holding the same parameters) and the loss is counted over the same ranks. Either way a step returns
+this rank's share of the global-batch mean loss (`reduce_loss` combines the shares), and evaluation,
+sampling and the full weights work the same for every layout.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class ModelRunner:
         if grad_sync is not None:
             self.grad_syncs = [grad_sync]
         else:
-            # experts (ep > 1): averaged over the expert-data-parallel group (parallel/data/data_parallel.py)
+            # dense parameters averaged over the dp x cp replicas; experts (ep > 1) over the
+            # expert-data-parallel group (parallel/data/data_parallel.py)
             experts = topology.edp_group if topology.ep_size > 1 else None
             self.grad_syncs = [
-                DataParallel(c, topology.dp_group, bucket_cap_mb, experts) for c in parts.chunks
+                DataParallel(c, topology.dp_cp_group, bucket_cap_mb, experts) for c in parts.chunks
             ]
         floats = (p for p in parts.parameters() if p.is_floating_point())
         self.param_dtype = next(floats).dtype  # activations between pipeline stages have it too
@@ -109,7 +112,7 @@ class ModelRunner:
         # Always `num_microbatches` equal micro-batches: under a sequence-length curriculum a step may
         # bring L / L_k times more rows of length L_k (tokens per micro-batch unchanged).
         masked = isinstance(batch, TokenBatch)
-        batch = TokenBatch.of(batch)
+        batch = TokenBatch.of(batch).context_piece(self.topology.cp_rank, self.topology.cp_size)
         micro = batch.split(self.m)
         divisors = self._loss_divisors(micro, count_globally=masked)
         if not self.pipelined:
@@ -138,27 +141,28 @@ class ModelRunner:
         return total / loss_scale
 
     def _loss_divisors(self, micro: list[TokenBatch], count_globally: bool) -> list[float]:
-        """N / (n_i * dp) per micro-batch (inf when n_i = 0: that micro-batch's mean is 0 anyway).
+        """N / (n_i * dp) per micro-batch (inf when n_i = 0: that micro-batch's mean is 0 anyway), with
+        dp x cp for dp under context parallelism (each cp rank holds a part of every row).
 
-        N, the counted targets of the global batch, is summed over dp for masked batches; for plain
+        N, the counted targets of the global batch, is summed over dp (x cp) for masked batches; for plain
         windows every target counts, so N is known locally."""
         counts = [mb.counted() for mb in micro]
-        dp = self.topology.dp_size
+        dp = self.topology.dp_cp_size
         total = sum(counts) * dp
         if count_globally and dp > 1:
             n = torch.tensor([sum(counts)], dtype=torch.float64, device=micro[0].inputs.device)
-            dist.all_reduce(n, group=self.topology.dp_group)
+            dist.all_reduce(n, group=self.topology.dp_cp_group)
             total = int(n.item())
         return [total / (c * dp) if c else float("inf") for c in counts]
 
     def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Sum the pipeline stages' shares (only the last is non-zero), then average over dp."""
+        """Sum the pipeline stages' shares (only the last is non-zero), then average over dp (x cp)."""
         loss = loss.clone()
         if group_size(self.topology.pp_group) > 1:
             dist.all_reduce(loss, group=self.topology.pp_group)
-        if group_size(self.topology.dp_group) > 1:
-            dist.all_reduce(loss, group=self.topology.dp_group)
-            loss /= self.topology.dp_size
+        if group_size(self.topology.dp_cp_group) > 1:
+            dist.all_reduce(loss, group=self.topology.dp_cp_group)
+            loss /= self.topology.dp_cp_size
         return loss
 
     # ------------------------------------------------------------------ evaluation and sampling
@@ -169,10 +173,11 @@ class ModelRunner:
 
     @torch.no_grad()
     def evaluate(self, windows: np.ndarray | TokenBatch) -> float:
-        """Mean next-token loss over the counted targets of the validation windows, split over dp."""
+        """Mean next-token loss over the counted targets of the validation windows, split over dp (and
+        each row over cp)."""
         topo = self.topology
         self._train_mode(False)
-        data = TokenBatch.of(windows)
+        data = TokenBatch.of(windows).context_piece(topo.cp_rank, topo.cp_size)
         bounds = np.array_split(np.arange(data.rows), topo.dp_size)[topo.dp_rank]
         start, stop = (int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else (0, 0)
         totals = torch.zeros(2, dtype=torch.float64, device=topo.device)
@@ -202,7 +207,7 @@ class ModelRunner:
                     if same:
                         self.executor.forward_only(
                             [b.inputs for b in same],
-                            self._activation_shape(same[0].rows, self.seq_len),
+                            self._activation_shape(same[0].rows, same[0].inputs.shape[1]),
                             self.param_dtype,
                             lambda i, chunk, x, same=same: add(same[i], chunk, x),
                             extras=[b.extras() for b in same],
@@ -211,7 +216,7 @@ class ModelRunner:
                 model = self.parts.first
                 for b in batches:
                     add(b, model, b.inputs)
-        for group in (topo.pp_group, topo.dp_group):
+        for group in (topo.pp_group, topo.dp_cp_group):
             if group_size(group) > 1:
                 dist.all_reduce(totals, group=group)
         self._train_mode(True)
@@ -222,9 +227,12 @@ class ModelRunner:
         """Sample with temperature 0.8 and top-k 40, recomputing the whole prefix for each token.
 
         Every rank of a TP group sees the same gathered logits and draws from the same generator; under
-        pipeline parallelism the last stage samples and broadcasts the token to the other stages."""
+        pipeline parallelism the last stage samples and broadcasts the token to the other stages. Every
+        cp rank runs the whole sequence (context parallelism is off while sampling)."""
         topo = self.topology
         self._train_mode(False)
+        for chunk in self.parts.chunks:
+            chunk.set_context_parallel(None)
         generator = torch.Generator().manual_seed(seed)
         ids = list(prompt_ids)
         token = torch.zeros(1, dtype=torch.long, device=topo.device)
@@ -246,5 +254,7 @@ class ModelRunner:
                 else:
                     sample(0, self.parts.first, context)
             ids.append(int(token))
+        for chunk in self.parts.chunks:
+            chunk.set_context_parallel(topo.cp_group)
         self._train_mode(True)
         return ids

@@ -1,13 +1,13 @@
 """Save side of re-sharding: what one rank alone writes, as named slices of global tensors.
 
 Who writes what (parallel/checkpoint/slices.py has the names and the piece records): replicated tensors
-by TP rank 0 only; parameters and plain optimizer state by dp rank 0 only (dp replicas are identical);
+by TP rank 0 only; parameters and plain optimizer state by replica 0 only (dp x cp replicas are identical);
 ZeroOptimizer state by every dp rank, its own chunk of every bucket, as flat pieces per parameter, so no
 gather happens at save time and each rank writes its 1/N share. AdamW8bit state is written as 8-bit
 units: every TP rank its own codes (a ZeRO chunk may mix replicated and sharded parameters).
 
 Expert parallelism: a routed expert's parameters (global names, `experts.{j}`) and their plain optimizer
-state are written by the ranks of expert-data-parallel index 0 (dp_rank // ep == 0: one rank
+state are written by the ranks of expert-data-parallel index 0 (edp index 0: one rank
 per expert-parallel rank), so each expert is written once; ZeRO expert buckets, sharded over the
 expert-data-parallel group, by every rank, its own chunk (kept whole at stage 0: index 0 only).
 """
@@ -87,15 +87,19 @@ def collect(
     chunks: Sequence[nn.Module],
     optimizer: torch.optim.Optimizer | None,
     tp_rank: int,
-    dp_rank: int,
-    ep: int = 1,
+    replica_rank: int,
+    expert_replica_rank: int | None = None,
 ) -> RankState:
-    """Everything this rank alone must write (see the module docstring for who writes what)."""
-    out, names = RankState(tp_rank), named_parameters(chunks)
-    expert_dp_rank = dp_rank // ep  # dp_rank = edp_rank * ep + ep_rank
+    """Everything this rank alone must write (see the module docstring for who writes what).
 
-    def writes(p: torch.Tensor) -> bool:  # the one data-parallel replica that writes p
-        return (expert_dp_rank if is_expert_parameter(p) else dp_rank) == 0
+    `replica_rank` is this rank's index among the ranks holding the same dense parameters (the dp x cp
+    group), `expert_replica_rank` its index among those holding the same experts (the
+    expert-data-parallel group; None: the same as `replica_rank`)."""
+    out, names = RankState(tp_rank), named_parameters(chunks)
+    expert_replica_rank = replica_rank if expert_replica_rank is None else expert_replica_rank
+
+    def writes(p: torch.Tensor) -> bool:  # the one replica that writes p
+        return (expert_replica_rank if is_expert_parameter(p) else replica_rank) == 0
 
     zero = optimizer if isinstance(optimizer, ZeroOptimizer) else None
     for p, name in names.items():

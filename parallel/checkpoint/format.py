@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save as serialize
 from torch import nn
 
@@ -114,18 +113,14 @@ def _layout(topology: Topology, chunks: list[nn.Module], optimizer) -> dict:
     return {
         "world_size": topology.world_size,
         "dp": topology.dp_size,
+        "cp": topology.cp_size,
         "tp": topology.tp_size,
         "pp": topology.pp_size,
-        **({"ep": topology.ep_size} if topology.ep_size > 1 else {}),  # (ep=1 checkpoints as before)
+        "ep": topology.ep_size,
         "model_chunks": len(chunks),
         "zero_stage": zero.stage if zero is not None else None,
         "optimizer": type(inner).__name__ if inner is not None else None,
     }
-
-
-def _barrier(topology: Topology) -> None:
-    if topology.is_distributed:
-        dist.barrier()
 
 
 def save(
@@ -176,7 +171,7 @@ class SaveJob:
         on_written: Callable[[], None] | None = None,
         barrier: Callable[[], None] | None = None,
     ) -> Path:
-        barrier = barrier or (lambda: _barrier(self.topology))
+        barrier = barrier or self.topology.barrier
         directory, rank = self.directory, self.topology.rank
         tmp = directory.with_name(directory.name + ".tmp")
         data = serialize(self.tensors, metadata={"format": "pt"})
@@ -226,8 +221,9 @@ def prepare_save(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(topology)
-    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_rank, topology.ep_size)
+    topology.barrier()
+    # the first replica writes what replicas share (dense: dp x cp ranks; experts: the edp ranks)
+    written = collect(chunks, optimizer, topology.tp_rank, topology.dp_cp_rank, topology.edp_rank)
     rng_tensors, rng_meta = _rng_state(topology.device)
     record = {
         "rank": rank,
@@ -332,7 +328,7 @@ def load(
     restore(reader, chunks, optimizer, topology.tp_rank, progress)
     saved = manifest["layout"]
     current = _layout(topology, chunks, optimizer)
-    same = all(saved[k] == current[k] for k in ("world_size", "dp", "tp", "pp"))
+    same = all(saved.get(k, 1) == current[k] for k in ("world_size", "dp", "cp", "tp", "pp", "ep"))
     rank_state = None
     if same:
         record = json.loads((reader.directory / manifest["ranks"][topology.rank]["meta"]).read_text())

@@ -59,8 +59,11 @@ class WeightGradStore:
             self._queues[self._key].append(work)
 
     def flush(self, key: Hashable) -> None:
-        for work in self._queues.pop(key, []):
-            work()
+        # Outside backward grad mode is on: without no_grad, dW = dY^T X would record a graph through the
+        # saved activations X and could not be added in place into a gradient bucket's view.
+        with torch.no_grad():
+            for work in self._queues.pop(key, []):
+                work()
 
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values())

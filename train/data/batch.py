@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from parallel.context import zigzag_split
+
 IGNORE_INDEX = -100
 
 
@@ -49,6 +51,15 @@ class TokenBatch:
     def select(self, start: int, stop: int) -> TokenBatch:
         ids = None if self.document_ids is None else self.document_ids[start:stop]
         return TokenBatch(self.inputs[start:stop], self.targets[start:stop], ids)
+
+    def context_piece(self, rank: int, cp: int) -> TokenBatch:
+        """Context-parallel rank `rank`'s zigzag pieces of every row (parallel/context/zigzag.py)."""
+        if cp == 1:
+            return self
+        ids = None if self.document_ids is None else zigzag_split(self.document_ids, 1, rank, cp)
+        return TokenBatch(
+            zigzag_split(self.inputs, 1, rank, cp), zigzag_split(self.targets, 1, rank, cp), ids
+        )
 
     def to(self, device: torch.device) -> TokenBatch:
         ids = None if self.document_ids is None else self.document_ids.to(device)
