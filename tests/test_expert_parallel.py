@@ -259,3 +259,19 @@ def test_unsupported_expert_parallel_combinations_are_named_up_front():
     dense = [a for a in base if not a.startswith("model.n_routed_experts")]
     config = load_config(None, [*dense, "distributed.ep=2"])
     assert "needs a mixture-of-experts model" in unsupported(config, MLAConfig(**config.model))
+
+
+def _timeouts_after_start_up() -> set[float]:
+    from train.faults import set_collective_timeout
+
+    with grid(dp=4, ep=2) as topo:  # ep and edp groups of 2 ranks each
+        set_collective_timeout(topo, 7.0)
+        groups = (topo.tp_group, topo.dp_group, topo.dp_cp_group, topo.ep_group, topo.edp_group)
+        assert topo.ep_group is not None and topo.edp_group is not None
+        return {g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups if g}
+
+
+def test_steady_state_collective_timeout_reaches_the_expert_groups():
+    """After the first step every group, the experts' all-to-all and gradient groups included, times out
+    after distributed.timeout_s, not the start-up value (bug: ep and edp kept the start-up timeout)."""
+    assert run_distributed(4, _timeouts_after_start_up) == [{7.0}] * 4

@@ -124,8 +124,10 @@ class StepGuard:
 
 
 def set_collective_timeout(topology: Topology, seconds: float) -> None:
-    """Set the timeout of every process group of this run (the world, tp, dp, pp), e.g. from the long
-    start-up value to the steady-state one after the first step."""
+    """Set the timeout of every process group of this run (the world, tp, dp, pp, cp, dp x cp, and
+    expert parallelism's ep and edp), e.g. from the long start-up value to the steady-state one after
+    the first step. A group left out would keep the start-up timeout, so a rank lost in its collectives
+    (the experts' all-to-all, their gradient all-reduce) would be noticed only after that."""
     if not topology.is_distributed:
         return
     timeout = datetime.timedelta(seconds=seconds)
@@ -135,6 +137,8 @@ def set_collective_timeout(topology: Topology, seconds: float) -> None:
         topology.pp_group,
         topology.cp_group,
         topology.dp_cp_group,
+        topology.ep_group,
+        topology.edp_group,
     )
     for group in {None, *groups}:
         dist.distributed_c10d._set_pg_timeout(timeout, group)  # no public API to change it after creation
