@@ -367,14 +367,15 @@ class MLATransformer(nn.Module):
         targets: torch.Tensor,
         reduction: str = "mean",
         document_ids: torch.Tensor | None = None,
+        balance_weight: float = 1.0,
     ) -> torch.Tensor:
         """Next-token cross-entropy: targets[b, t] is the token after input_ids[b, t]; -100 is ignored.
         "mean" is over the counted targets (0 when there are none). (Last stage only; `inputs` and
-        `document_ids` as for `forward`.) Plus the MoE layers' auxiliary balance loss when training with
-        `aux_loss_alpha` > 0 (whole model on one stage only)."""
+        `document_ids` as for `forward`.) Plus `balance_weight` times the MoE layers' auxiliary balance
+        loss (a mean over the rows) when training with `aux_loss_alpha` > 0 (whole model on one stage)."""
         if not self.stage.is_last:
             raise RuntimeError("loss() is only defined on the last pipeline stage")
         logits = self(inputs, document_ids=document_ids)
         loss = vocab_parallel_cross_entropy(logits, targets, self.group, reduction=reduction)
         balance = aux_loss(self)  # MoE balance loss of this forward (training with aux_loss_alpha > 0)
-        return loss if balance is None else loss + balance
+        return loss if balance is None else loss + balance_weight * balance

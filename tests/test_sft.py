@@ -7,6 +7,8 @@
   far more than the 1e-5 allowed (fp32 gradient all-reduce and sums in another order).
 """
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,10 +63,15 @@ def test_masked_loss_is_hand_computed_over_completion_tokens():
     torch.testing.assert_close(loss.double(), torch.stack(terms).mean(), rtol=1e-6, atol=0)
 
 
-def _curve(dp: int, micro_batch_size: int, steps: int = 3) -> list[float]:
-    with grid(dp=dp) as topo:
+MOE_CONFIG = dataclasses.replace(  # routed experts with DeepSeek's sequence-level balance loss
+    CONFIG, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, aux_loss_alpha=0.1
+)
+
+
+def _curve(dp: int, micro_batch_size: int, steps: int = 3, ep: int = 1, config=CONFIG) -> list[float]:
+    with grid(dp=dp, ep=ep) as topo:
         torch.manual_seed(3)
-        model = MLATransformer(CONFIG, topo)
+        model = MLATransformer(config, topo)
         rows = 4 // dp
         runner = ModelRunner(
             model,
@@ -95,6 +102,16 @@ def test_sft_loss_curve_independent_of_layout():
     model = MLATransformer(CONFIG)
     means = torch.stack([model.loss(mb.inputs, mb.targets) for mb in batch.split(4)]).mean()
     assert abs(means.item() - reference[0]) > 1e-3
+
+
+def test_moe_balance_loss_on_masked_rows_is_independent_of_layout():
+    """The balance loss is a mean over rows: with rows counting 2 to 11 targets, weighing each
+    micro-batch's balance loss by its counted targets (as its cross-entropy is) changed the curve with
+    the split (bug). fp32, 1e-5: sums in another order. dp=2 x ep=2: experts split over the two ranks."""
+    reference = run_distributed(1, _curve, dp=1, micro_batch_size=4, config=MOE_CONFIG)[0]
+    for dp, mbs, ep in [(1, 1, 1), (2, 1, 2)]:
+        curve = run_distributed(dp, _curve, dp=dp, micro_batch_size=mbs, ep=ep, config=MOE_CONFIG)[0]
+        np.testing.assert_allclose(curve, reference, rtol=1e-5, err_msg=f"dp={dp} mbs={mbs} ep={ep}")
 
 
 def _all_masked_micro_batch() -> tuple[float, float, bool]:

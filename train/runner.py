@@ -13,6 +13,7 @@ sampling and the full weights work the same for every layout.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -122,7 +123,7 @@ class ModelRunner:
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self._no_sync()
                 with sync, self.autocast():
                     with record_function("forward"):
-                        loss = model.loss(mb.inputs, mb.targets, **mb.extras()) / divisors[i]
+                        loss = self._micro_batch_loss(model, mb, divisors[i], len(micro))
                     with record_function("backward"):
                         (loss * loss_scale).backward()
                 total += loss.detach().float()
@@ -139,6 +140,18 @@ class ModelRunner:
         for sync in self.grad_syncs:
             sync.sync_gradients()
         return total / loss_scale
+
+    @staticmethod
+    def _micro_batch_loss(model: MLATransformer, mb: TokenBatch, divisor: float, m: int) -> torch.Tensor:
+        """Micro-batch i's share of the step's loss: its cross-entropy mean over n_i counted targets
+        divided by d_i = N / (n_i dp), plus its MoE balance loss (a mean over its rows) divided by the m
+        micro-batches, since every micro-batch holds the same share of the global batch's rows; dp then
+        averages both. The balance loss is a mean over rows, not targets: weighing it by n_i, as the
+        cross-entropy is, would make it depend on how masked rows are split. d_i = inf (n_i = 0): no
+        cross-entropy, the balance loss alone."""
+        if math.isinf(divisor):
+            return model.loss(mb.inputs, mb.targets, balance_weight=1.0 / m, **mb.extras())
+        return model.loss(mb.inputs, mb.targets, balance_weight=divisor / m, **mb.extras()) / divisor
 
     def _loss_divisors(self, micro: list[TokenBatch], count_globally: bool) -> list[float]:
         """N / (n_i * dp) per micro-batch (inf when n_i = 0: that micro-batch's mean is 0 anyway), with
