@@ -247,19 +247,34 @@ def test_a_nan_validation_loss_is_an_error_and_writes_no_final(cache_dir, tmp_pa
     assert not (tmp_path / "final").exists() and (tmp_path / "checkpoints" / "step-00000006").is_dir()
 
 
+def test_a_phase_that_ends_between_report_and_exit_does_not_end_the_process():
+    import time
+
+    from train.watchdog import Watchdog
+
+    reports, exits = [], []
+    watchdog = Watchdog(rank=0, seconds=4.0, on_hang=reports.append, on_exit=lambda: exits.append(1))
+    watchdog.phase("step 1: slow")
+    time.sleep(3.6)  # past 85% of the limit (reported), before 95%
+    watchdog.phase("step 2: fine")
+    time.sleep(0.5)
+    watchdog.close()
+    assert len(reports) == 1 and exits == [], (reports, exits)
+
+
 def test_the_watchdog_names_the_rank_and_the_phase_it_hangs_in():
     import time
 
     from train.watchdog import Watchdog
 
-    reports = []
-    watchdog = Watchdog(rank=3, seconds=0.4, on_hang=reports.append)
+    reports, exits = [], []
+    watchdog = Watchdog(rank=3, seconds=0.4, on_hang=reports.append, on_exit=lambda: exits.append(1))
     watchdog.phase("step 5: gradient norm (all-reduce over tp/pp/dp)")
     time.sleep(0.2)
-    assert reports == []  # within the limit
+    assert reports == [] and exits == []  # within the limit
     time.sleep(1.5)
     watchdog.close()
-    assert len(reports) == 1, reports  # once
+    assert len(reports) == 1 and exits == [1], (reports, exits)  # reported once, then the process ended
     assert reports[0].startswith("error: [rank 3] hung for ") and "in step 5: gradient norm" in reports[0]
 
 
