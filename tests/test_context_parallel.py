@@ -11,11 +11,14 @@ gradients of the latents are summed over ranks, so only the order of fp32 sums d
 the loss within 2e-2 of the one-process bf16 loss (the bf16 rounding ladder).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_harness import grid, run_distributed
+from tiny_models import TINY_MLA
 
 from models import MLAConfig, MLATransformer
 from parallel.context import ContextShard, latent_attention, zigzag_merge, zigzag_positions, zigzag_split
@@ -25,19 +28,7 @@ from parallel.tensor.sharding import gather_tensor
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 SEQ = 16
-CONFIG = MLAConfig(
-    vocab_size=97,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    intermediate_size=64,
-    max_seq_len=SEQ,
-)
+CONFIG = replace(TINY_MLA, max_seq_len=SEQ)
 # documents of 5, 7 and 4 tokens, and 2, 12 and 2: they cross the pieces of cp = 2 and cp = 4
 DOCUMENTS = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 2 + [1] * 12 + [2] * 2])
 

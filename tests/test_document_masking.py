@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import grid, run_distributed
+from tiny_models import TINY_MLA
 
-from models import MLAConfig, MLATransformer
+from models import MLATransformer
 from models.mla import document_attention
 from models.transformer import split_layers
 from train.data.packing import label_windows
@@ -23,19 +24,7 @@ from train.runner import ModelRunner
 
 EOT = 0
 TOL = dict(rtol=1e-5, atol=1e-6)
-CONFIG = MLAConfig(
-    vocab_size=97,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    intermediate_size=64,
-    max_seq_len=16,
-)
+CONFIG = TINY_MLA
 
 
 def _packed(rows: int = 2, seq_len: int = 12, seed: int = 3):

@@ -13,26 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dist_harness import grid, run_distributed
+from tiny_models import TINY_MLA
 
-from models import MLAConfig, MLATransformer
+from models import MLATransformer
 from train.data.batch import TokenBatch
 from train.data.packing import label_windows
 from train.runner import ModelRunner
 
 EOT = 0
-CONFIG = MLAConfig(
-    vocab_size=97,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    intermediate_size=64,
-    max_seq_len=16,
-)
+CONFIG = TINY_MLA
 
 
 def _instruction_batch(step: int, rows: int = 4, seq_len: int = 12) -> TokenBatch:
